@@ -1,0 +1,73 @@
+"""onnxscript's default optimizer, as a registered pass.
+
+Runs the same sequence as ``onnxscript.optimizer.optimize_ir`` (inline functions, fold
+constants, the default rewrite rules, unused-node removal, constant lifting, initializer dedup,
+CSE, name fixes), assembled here from onnxscript's passes so that the ``modified`` flag is the
+passes' own instead of being lost (``optimize_ir`` returns None). Folding is bounded by size
+limits, so no large weight is materialised.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pydantic
+from onnxscript import rewriter
+from onnxscript.optimizer import constant_folding
+
+from surgery.pass_infra import ModelPass, PassOptions
+from surgery.registry import register
+
+__all__ = ["Optimize"]
+
+
+class _OptimizeOptions(PassOptions):
+    iterations: int = pydantic.Field(default=2, ge=1, description="fold/rewrite rounds at most")
+    input_size_limit: int = pydantic.Field(
+        default=8192,
+        ge=0,
+        description="do not fold nodes with an input larger than this (elements)",
+    )
+    output_size_limit: int = pydantic.Field(
+        default=262144, ge=0, description="do not fold nodes whose output is larger than this"
+    )
+    inline: bool = pydantic.Field(default=True, description="inline model-local functions first")
+
+
+@register
+class Optimize(ModelPass):
+    """Constant folding, onnxscript's default rewrite rules and graph cleanups, until stable."""
+
+    name = "optimize"
+    summary = "onnxscript optimizer: fold constants, default rewrites, cleanups"
+    Options = _OptimizeOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        assert isinstance(self.options, _OptimizeOptions)
+        common = ir.passes.common
+        options = self.options
+        passes: list[ir.passes.PassBase] = [common.InlinePass()] if options.inline else []
+        passes += [
+            ir.passes.PassManager(
+                [
+                    constant_folding.FoldConstantsPass(
+                        shape_inference=True,
+                        input_size_limit=options.input_size_limit,
+                        output_size_limit=options.output_size_limit,
+                    ),
+                    rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                    common.RemoveUnusedNodesPass(),
+                    common.RemoveUnusedFunctionsPass(),
+                    common.RemoveUnusedOpsetsPass(),
+                ],
+                steps=options.iterations,
+                early_stop=True,
+            ),
+            common.RemoveUnusedNodesPass(),
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common.LiftSubgraphInitializersToMainGraphPass(),
+            common.DeduplicateInitializersPass(),
+            common.CommonSubexpressionEliminationPass(),
+            common.OutputFixPass(),
+            common.NameFixPass(),
+        ]
+        return ir.passes.Sequential(*passes)(model)

@@ -1,0 +1,269 @@
+"""The ``surgery`` command line.
+
+Exit codes follow pre-commit's ``error_handler``: 0 success; 1 a problem with the input that the
+user can fix (one clear line on stderr, no traceback); 3 a bug (traceback written to a log file,
+or printed with ``--debug``); 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+import tempfile
+import traceback
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+__all__ = ["main"]
+
+_EPILOG = """\
+examples:
+  surgery demo                                  tiny random PaliGemma 2, end to end
+  surgery make-random tiny-paligemma2 -o ckpt   a random checkpoint to play with
+  surgery export ckpt -o model.onnx             one monolithic ONNX graph
+  surgery apply cleanup model.onnx -o out --time-passes --dump-dir dumps
+  surgery inspect out/model.onnx
+  surgery passes optimize                       what a pass does and its options
+"""
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from surgery.atomic import check_destination
+    from surgery.instruments import DumpAfterPass, ProgressLog, TimePasses, VerifyEach
+    from surgery.io import load, save
+    from surgery.manager import Instrument
+    from surgery.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.print:
+        print(recipe.to_yaml(), end="")
+    out = check_destination(args.output, force=args.force)
+    model_path = Path(args.model).resolve()
+    if model_path.is_relative_to(out.resolve()):
+        raise SurgeryError(f"{out}: output folder holds the input model; choose another folder")
+    bundle = load(args.model)
+    instruments: list[Instrument] = []
+    if not args.quiet:
+        instruments.append(ProgressLog(len(recipe.steps)))
+    if args.verify_each:
+        instruments.append(VerifyEach())
+    if args.dump_dir:
+        instruments.append(DumpAfterPass(args.dump_dir, only_changed=args.dump_changed))
+    if args.time_passes:
+        instruments.append(TimePasses())
+    recipe.manager(instruments).run(bundle)
+    save(bundle, out, layout=recipe.layout, force=args.force, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from surgery.registry import all_passes, get_pass
+
+    if args.name:
+        print(get_pass(args.name).help())
+        return 0
+    passes = all_passes()
+    width = max(len(name) for name in passes)
+    for name, cls in passes.items():
+        print(f"{name.ljust(width)}  {cls.summary}")
+    print("\n`surgery passes NAME` shows a pass's documentation and options.")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from surgery.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.print:
+        print(recipe.to_yaml(), end="")
+    print(f"{recipe.source}: ok, {len(recipe.steps)} passes")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from surgery.io import load
+    from surgery.summary import summarize
+
+    print(summarize(load(args.model)))
+    return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    import netron
+
+    from surgery.io import load_model
+
+    load_model(args.model)  # validate first: a clear error instead of a blank page
+    address = netron.start(str(args.model), address=("127.0.0.1", args.port), browse=False)
+    print(f"serving {args.model} at http://{address[0]}:{address[1]}  (Ctrl-C to stop)", flush=True)
+    netron.wait()
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from surgery.export import export_checkpoint
+
+    path = export_checkpoint(
+        args.checkpoint, args.output, force=args.force, progress=not args.quiet
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_make_random(args: argparse.Namespace) -> int:
+    from surgery.checkpoint import make_random_checkpoint
+
+    path = make_random_checkpoint(
+        args.config, args.output, seed=args.seed, force=args.force, progress=not args.quiet
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from surgery.demo import run_demo
+
+    return run_demo(args.output, force=args.force)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 like every other user error (argparse's default is 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="surgery",
+        description="Export Hugging Face vision-language models to ONNX once, then reshape the "
+        "graph with named passes (split, cache renames, fusions, fp16, sharding).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="print tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("apply", _cmd_apply, "run a recipe's passes on a model and write the result")
+    p.add_argument(
+        "recipe", help="recipe YAML file, or the name of a shipped recipe (e.g. cleanup)"
+    )
+    p.add_argument("model", help=".onnx file (its external data beside it), or a folder of them")
+    p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dump-dir", help="write every part after every pass to DIR/NN-<pass>/")
+    p.add_argument(
+        "--dump-changed", action="store_true", help="dump only after passes that changed something"
+    )
+    p.add_argument(
+        "--time-passes",
+        action="store_true",
+        help="print wall time, peak memory and op changes per pass",
+    )
+    p.add_argument(
+        "--verify-each", action="store_true", help="run the ONNX checker after every pass"
+    )
+    p.add_argument("--print", action="store_true", help="print the resolved recipe first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    p = command("passes", _cmd_passes, "list the available passes, or document one")
+    p.add_argument("name", nargs="?", help="a pass name")
+
+    p = command("validate", _cmd_validate, "check a recipe without running it")
+    p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
+    p.add_argument("--print", action="store_true", help="print the resolved recipe")
+
+    p = command(
+        "inspect", _cmd_inspect, "inputs, outputs, ops, parameters and data files of a model"
+    )
+    p.add_argument("model", help=".onnx file or a folder of them")
+
+    p = command("view", _cmd_view, "open a model in Netron, served on 127.0.0.1")
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+
+    p = command(
+        "export", _cmd_export, "export a PaliGemma / PaliGemma 2 checkpoint to one ONNX graph"
+    )
+    p.add_argument("checkpoint", help="local Hugging Face checkpoint folder")
+    p.add_argument(
+        "-o", "--output", required=True, help="the .onnx file to write (data file beside it)"
+    )
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    p = command(
+        "make-random", _cmd_make_random, "write a random PaliGemma checkpoint (for tests and demos)"
+    )
+    p.add_argument(
+        "config", help="a preset name (see --help of the checkpoint module) or a config.json"
+    )
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    p = command(
+        "demo", _cmd_demo, "build a tiny random PaliGemma 2, export it, run the flagship recipe"
+    )
+    p.add_argument(
+        "-o", "--output", default="surgery-demo", help="work folder (default surgery-demo)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing work folder")
+    return parser
+
+
+def _report_bug(exc: BaseException, debug: bool) -> None:
+    text = "".join(traceback.format_exception(exc))
+    if debug:
+        sys.stderr.write(text)
+        print(f"surgery: internal error: {exc}", file=sys.stderr)
+        return
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with tempfile.NamedTemporaryFile(
+        "w", prefix=f"surgery-crash-{stamp}-", suffix=".log", delete=False
+    ) as log:
+        log.write(text)
+    print(
+        f"surgery: internal error: {type(exc).__name__}: {exc}\n"
+        f"  this is a bug; the traceback is in {log.name} (or rerun with --debug)",
+        file=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except SurgeryError as exc:
+        print(f"surgery: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("surgery: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        _report_bug(exc, args.debug)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

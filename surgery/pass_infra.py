@@ -1,0 +1,129 @@
+"""What a pass is: a name, typed options, the parts it touches, and one job.
+
+Builds on ``onnx_ir.passes``: a :class:`ModelPass` *is* an ``onnx_ir.passes.InPlacePass``
+(``call(model) -> PassResult`` with an exact ``modified`` flag, ``requires`` / ``ensures``
+checked by ``PassBase.__call__``), so onnx_ir's own passes compose with ours. What onnx_ir lacks
+and this module adds: a registered name and summary, a pydantic options model with
+``extra="forbid"`` (a bad recipe fails before any work), and the selection of parts a pass runs
+on. A :class:`BundlePass` sees the whole bundle, for passes that create or remove parts (split).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+import pydantic
+
+from surgery.bundle import Bundle
+
+__all__ = [
+    "BundlePass",
+    "BundlePassResult",
+    "ModelPass",
+    "PassOptions",
+    "SurgeryPass",
+]
+
+
+class PassOptions(pydantic.BaseModel):
+    """Base of every pass's options: unknown keys and loose types are rejected."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclasses.dataclass
+class BundlePassResult:
+    """What a :class:`BundlePass` returns: the bundle and whether anything changed."""
+
+    bundle: Bundle
+    modified: bool
+
+
+class SurgeryPass:
+    """Naming, options and part selection shared by model and bundle passes.
+
+    Subclasses set ``name`` (kebab-case), ``summary`` (one line) and ``Options``; the class
+    docstring is what ``surgery passes NAME`` prints.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type[PassOptions]] = PassOptions
+
+    def __init__(
+        self,
+        options: PassOptions | None = None,
+        *,
+        parts: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Create the pass.
+
+        Args:
+            options: A validated options object, or None to build one from ``kwargs``.
+            parts: The parts to run on; None means every part.
+            **kwargs: Options by name, validated by ``Options`` (Python composition).
+        """
+        if options is None:
+            options = self.Options(**kwargs)
+        elif kwargs:
+            raise TypeError(f"{self.name}: give options either as an object or as keywords")
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"{self.name}: options must be {self.Options.__name__}")
+        self.options = options
+        self.parts: list[str] | None = list(parts) if parts is not None else None
+        super().__init__()
+
+    def output_parts(self, parts: list[str] | None) -> list[str] | None:
+        """The parts after this pass, given those before it (None: not known before loading)."""
+        return parts
+
+    def describe(self) -> dict[str, Any]:
+        """This pass as a recipe entry: the inverse of recipe parsing."""
+        entry: dict[str, Any] = {"pass": self.name}
+        if self.parts is not None:
+            entry["parts"] = list(self.parts)
+        options = self.options.model_dump(mode="json", exclude_defaults=True)
+        if options:
+            entry["options"] = options
+        return entry
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+    @classmethod
+    def help(cls) -> str:
+        """The full help text: docstring plus the options with their types and defaults."""
+        lines = [f"{cls.name}: {cls.summary}", "", inspect.cleandoc(cls.__doc__ or "")]
+        fields = cls.Options.model_fields
+        if fields:
+            lines += ["", "Options:"]
+            for key, field in fields.items():
+                annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+                default = "required" if field.is_required() else f"default {field.default!r}"
+                lines.append(f"  {key} ({annotation}, {default})")
+                if field.description:
+                    lines.append(f"      {field.description}")
+        return "\n".join(lines)
+
+
+class ModelPass(SurgeryPass, ir.passes.InPlacePass):
+    """A pass that transforms one part at a time, in place (an ``onnx_ir`` in-place pass)."""
+
+    @abc.abstractmethod
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Transform ``model`` in place and say exactly whether it changed."""
+
+
+class BundlePass(SurgeryPass, abc.ABC):
+    """A pass that transforms the bundle as a whole (it may add, remove or rename parts)."""
+
+    @abc.abstractmethod
+    def call_bundle(self, bundle: Bundle) -> BundlePassResult:
+        """Transform ``bundle`` and say exactly whether it changed."""
