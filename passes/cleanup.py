@@ -7,6 +7,7 @@ arguments as validated options, so recipes and ``surgery passes`` can use it.
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 import pydantic
 
 from surgery.pass_infra import ModelPass, PassOptions

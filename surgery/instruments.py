@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError

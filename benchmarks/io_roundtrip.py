@@ -1,0 +1,115 @@
+"""Load → cleanup recipe → save through the CLI, against `cp` of the same data, in one run.
+
+Builds a synthetic fp32 model of each requested size (never held in memory whole), then for each:
+
+* ``cp`` of the weights file (the floor: what moving the bytes costs on this disk);
+* ``surgery apply cleanup model.onnx -o out`` in a child process, whose peak anonymous memory
+  (``RssAnon``; memory-mapped weight pages are not counted, they are the page cache's) is sampled
+  from ``/proc/<pid>/status``.
+
+Each step starts with the page cache flushed and dropped (where permitted: root on Linux) and
+ends with ``sync``, so it is timed reading from and writing to the disk, not RAM; steps alternate
+and repeat (``--repeat``), and the table shows medians, because a virtual disk is noisy. Prints
+wall seconds, the ratio to ``cp``, and peak anonymous MiB. Targets: ratio ≤ 1.5, peak ≤ 512 MiB,
+the same at every size.
+
+Usage: python benchmarks/io_roundtrip.py [--sizes 1 4] [--repeat 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from surgery.memory import PeakAnonSampler
+from surgery.synthetic import write_synthetic_model
+
+GIB = 2**30
+
+
+def _cold_cache() -> None:
+    """Flush dirty pages and, where permitted, drop the page cache."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def _timed(command: list[str]) -> tuple[float, int]:
+    """Run ``command`` from a cold cache until its data is on disk; return wall s, peak anon bytes."""
+    _cold_cache()
+    start = time.perf_counter()
+    proc = subprocess.Popen(command)
+    with PeakAnonSampler(interval_s=0.01, status=Path(f"/proc/{proc.pid}/status")) as sampler:
+        code = proc.wait()
+    os.sync()
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {code}")
+    return wall, sampler.peak_bytes
+
+
+def _measure(size_gib: float, workdir: Path, repeat: int) -> list[tuple[str, float, float, float]]:
+    folder = workdir / f"model-{size_gib:g}g"
+    folder.mkdir()
+    model = write_synthetic_model(
+        folder / "model.onnx", width=4096, total_bytes=int(size_gib * GIB), progress=True
+    )
+    data = folder / "model.onnx.data"
+    out, copy = workdir / "out", workdir / "copy.data"
+    cli = [
+        sys.executable,
+        "-m",
+        "surgery.cli",
+        "apply",
+        "cleanup",
+        str(model),
+        "-o",
+        str(out),
+        "-q",
+    ]
+    cp_runs, runs = [], []
+    for _ in range(repeat):
+        cp_runs.append(_timed(["cp", str(data), str(copy)]))
+        runs.append(_timed(cli))
+        assert (out / "model.onnx.data").stat().st_size >= data.stat().st_size - 4096
+        shutil.rmtree(out)
+        copy.unlink()
+    shutil.rmtree(folder)
+    cp_wall = statistics.median(w for w, _ in cp_runs)
+    cp_peak = max(p for _, p in cp_runs)
+    wall = statistics.median(w for w, _ in runs)
+    peak = max(p for _, p in runs)
+    size = f"{size_gib:g} GiB"
+    return [
+        (f"cp ({size})", cp_wall, 1.0, cp_peak / 2**20),
+        (f"surgery apply cleanup ({size})", wall, wall / cp_wall, peak / 2**20),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4], help="model sizes in GiB")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per step (median shown)")
+    parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for size in args.sizes:
+            rows += _measure(size, Path(tmp), args.repeat)
+    print(
+        f"\n{'step (median of ' + str(args.repeat) + ')':<34} {'wall s':>8} {'× cp':>6} {'peak anon MiB':>14}"
+    )
+    for name, wall, ratio, peak in rows:
+        print(f"{name:<34} {wall:>8.2f} {ratio:>6.2f} {peak:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
