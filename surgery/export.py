@@ -1,0 +1,382 @@
+"""``surgery export``: one ONNX graph of a whole PaliGemma / PaliGemma 2 checkpoint.
+
+One ``torch.onnx.export(..., dynamo=True)`` of :class:`~surgery.export_wrapper.PaliGemmaExportWrapper`
+(vision tower, projector, token embedding, image merge, Gemma / Gemma 2 decoder, ``lm_head``,
+final softcap), written to ``OUTPUT`` + ``OUTPUT.data``.
+
+Memory: the model is built with its parameters on the meta device (non-persistent buffers such as
+rotary ``inv_freq`` and SigLIP ``position_ids`` are real: they are computed from the config and kept
+aside), traced weight-free, and the checkpoint's safetensors bytes are attached afterwards as
+external tensors that ``onnx_ir.save`` streams file to file (:mod:`surgery.export_weights`). Exporting
+needs memory for the graph, not for the weights.
+
+Reuses the dynamo exporter for tracing and ONNX translation, and onnxscript's optimizer (run by us
+after the weights are attached: the exporter's built-in run would try to fold meta tensors).
+
+Graph interface (see README "Exported graph"):
+
+* inputs ``input_ids`` i64 ``[batch_size, sequence_length]``, ``pixel_values`` f32
+  ``[batch_size, 3, H, W]``, ``attention_mask`` i64 ``[batch_size, total_sequence_length]``,
+  ``position_ids`` i64 ``[batch_size, sequence_length]`` (1-indexed),
+  ``past_key_values.{i}.key|value`` f32 ``[batch_size, kv_heads, past_sequence_length, head_dim]``;
+* outputs ``logits`` f32 ``[batch_size, sequence_length, vocab]``, ``present.{i}.key|value``
+  ``[batch_size, kv_heads, total_sequence_length, head_dim]``, and the boundary values
+  ``image_features`` ``[batch_size, image_tokens, hidden]`` (projector output),
+  ``token_embeddings`` ``[batch_size, sequence_length, hidden]`` (scaled Gemma embeddings before
+  the merge) and ``inputs_embeds`` (the merged embeddings the decoder consumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from surgery.atomic import atomic_files, check_destination
+from surgery.errors import SurgeryError
+
+__all__ = [
+    "ATTENTION_MASK",
+    "BATCH",
+    "IMAGE_FEATURES",
+    "INPUTS_EMBEDS",
+    "INPUT_IDS",
+    "LOGITS",
+    "PAST_SEQUENCE",
+    "PIXEL_VALUES",
+    "POSITION_IDS",
+    "SEQUENCE",
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_TEXT_MODELS",
+    "TOKEN_EMBEDDINGS",
+    "TOTAL_SEQUENCE",
+    "export_checkpoint",
+    "input_names",
+    "output_names",
+    "past_name",
+    "present_name",
+]
+
+logger = logging.getLogger(__name__)
+
+INPUT_IDS = "input_ids"
+PIXEL_VALUES = "pixel_values"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+#: Projector output ``[batch, image_tokens, hidden]``: where the vision part ends.
+IMAGE_FEATURES = "image_features"
+#: Scaled token embeddings before the image merge: where the embedding part ends.
+TOKEN_EMBEDDINGS = "token_embeddings"
+#: Merged embeddings (image features over ``<image>`` positions): where the decoder starts.
+INPUTS_EMBEDS = "inputs_embeds"
+
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"
+PAST_SEQUENCE = "past_sequence_length"
+TOTAL_SEQUENCE = "total_sequence_length"
+
+SUPPORTED_ARCHITECTURES = ("PaliGemmaForConditionalGeneration",)
+SUPPORTED_TEXT_MODELS = ("gemma", "gemma2")
+
+# Example sizes: >= 2 so torch.export keeps them dynamic, distinct so none is taken for another.
+_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 7, 5
+
+
+def past_name(layer: int, kind: str) -> str:
+    """Input name of one layer's past ``key`` or ``value``."""
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """Output name of one layer's present ``key`` or ``value``."""
+    return f"present.{layer}.{kind}"
+
+
+def input_names(num_layers: int) -> list[str]:
+    """Graph input names, in order."""
+    past = [past_name(i, k) for i in range(num_layers) for k in ("key", "value")]
+    return [INPUT_IDS, PIXEL_VALUES, ATTENTION_MASK, POSITION_IDS, *past]
+
+
+def output_names(num_layers: int) -> list[str]:
+    """Graph output names, in order."""
+    present = [present_name(i, k) for i in range(num_layers) for k in ("key", "value")]
+    return [LOGITS, *present, IMAGE_FEATURES, TOKEN_EMBEDDINGS, INPUTS_EMBEDS]
+
+
+class _Stages:
+    """Prints the export's stages with their durations on stderr (when ``enabled``)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        logger.info("%s", message)
+        if self.enabled:
+            print(
+                f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True
+            )
+
+
+def _read_config(checkpoint: Path) -> dict[str, Any]:
+    """Validate the folder and its config.json; return the raw config."""
+    if not checkpoint.exists():
+        raise SurgeryError(f"{checkpoint}: checkpoint folder not found; check the path")
+    if not checkpoint.is_dir():
+        raise SurgeryError(f"{checkpoint}: not a folder; pass a Hugging Face checkpoint folder")
+    path = checkpoint / "config.json"
+    if not path.is_file():
+        raise SurgeryError(
+            f"{checkpoint}: no config.json; pass a Hugging Face checkpoint folder (config + safetensors)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SurgeryError(f"{path}: not valid JSON ({err}); fix or re-download it") from err
+    if not isinstance(raw, dict):
+        raise SurgeryError(f"{path}: not a JSON object; fix or re-download it")
+    architectures = raw.get("architectures") or [raw.get("model_type", "unknown")]
+    text_type = (raw.get("text_config") or {}).get("model_type", "gemma")
+    supported = f"{', '.join(SUPPORTED_ARCHITECTURES)} with a {' or '.join(SUPPORTED_TEXT_MODELS)} text model"
+    if architectures[0] not in SUPPORTED_ARCHITECTURES or raw.get("model_type") != "paligemma":
+        raise SurgeryError(
+            f"{path}: architecture {architectures[0]} is not supported; supported: {supported}"
+        )
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        raise SurgeryError(
+            f"{path}: {architectures[0]} with a {text_type} text model is not supported; supported: {supported}"
+        )
+    return raw
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device, buffers for real (as accelerate's init_empty_weights).
+
+    Buffers are small and some are non-persistent (not in the checkpoint), so their values must
+    come from the constructors.
+    """
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(
+        module: torch.nn.Module, name: str, param: torch.nn.Parameter | None
+    ) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _build_model(checkpoint: Path) -> tuple[Any, dict[str, Any]]:
+    """The HF model with meta parameters, and its buffers' real values keyed by module path."""
+    import torch
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    config = PaliGemmaConfig.from_pretrained(checkpoint)
+    config.dtype = torch.float32
+    with _parameters_on_meta():
+        model = PaliGemmaForConditionalGeneration._from_config(
+            config, attn_implementation="eager", dtype=torch.float32
+        )
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    return model.to("meta").eval(), buffers
+
+
+def _checkpoint_keys(model: Any, checkpoint_keys: list[str]) -> dict[str, str]:
+    """Map the model's parameter names to checkpoint keys, as ``from_pretrained`` renames them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters: list[Any] = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta_state = model.state_dict()
+    key_for = {}
+    for key in checkpoint_keys:
+        renamed, _ = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, meta_state
+        )
+        key_for[renamed] = key
+    # Tied parameters (lm_head <-> embed_tokens) are stored once under one of their names.
+    seen: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = seen.setdefault(id(param), name)
+        if name not in key_for and first in key_for:
+            key_for[name] = key_for[first]
+        elif first not in key_for and name in key_for:
+            key_for[first] = key_for[name]
+    return key_for
+
+
+def _example_inputs(model: Any) -> tuple[Any, ...]:
+    import torch
+
+    config = model.config
+    text, vision = config.text_config, config.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    batch, seq, past = _EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST
+    meta = torch.device("meta")
+    kv = [
+        torch.zeros(batch, text.num_key_value_heads, past, head_dim, device=meta)
+        for _ in range(2 * text.num_hidden_layers)
+    ]
+    return (
+        torch.zeros(batch, seq, dtype=torch.int64, device=meta),
+        torch.zeros(batch, vision.num_channels, vision.image_size, vision.image_size, device=meta),
+        torch.ones(batch, past + seq, dtype=torch.int64, device=meta),
+        torch.ones(batch, seq, dtype=torch.int64, device=meta),
+        kv,
+    )
+
+
+def _dynamic_shapes(num_layers: int) -> tuple[Any, ...]:
+    kv = {0: BATCH, 2: PAST_SEQUENCE}
+    return (
+        {0: BATCH, 1: SEQUENCE},
+        {0: BATCH},
+        {0: BATCH, 1: TOTAL_SEQUENCE},
+        {0: BATCH, 1: SEQUENCE},
+        [kv] * (2 * num_layers),
+    )
+
+
+def _trace(model: Any) -> Any:
+    """``torch.onnx.export`` of the weight-free wrapper; returns the ``onnx_ir`` model."""
+    import torch
+
+    from surgery.export_wrapper import PaliGemmaExportWrapper
+
+    num_layers = model.config.text_config.num_hidden_layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            PaliGemmaExportWrapper(model),
+            _example_inputs(model),
+            dynamo=True,
+            input_names=input_names(num_layers),
+            output_names=output_names(num_layers),
+            dynamic_shapes=_dynamic_shapes(num_layers),
+            optimize=False,  # run after the weights are attached: it folds small constants
+            verbose=False,
+        )
+    assert program is not None
+    return program.model
+
+
+def _tidy_interface(model: Any, num_layers: int) -> None:
+    """Name the presents' length axis ``total_sequence_length`` (the exporter writes a sum)."""
+    import onnx_ir as ir
+
+    for value in model.graph.outputs:
+        if value.name.startswith("present.") and value.shape is not None:
+            dims = list(value.shape)
+            dims[2] = TOTAL_SEQUENCE
+            value.shape = ir.Shape(dims)
+    model.producer_name = "onnx-surgery"
+    model.metadata_props["onnx_surgery.num_layers"] = str(num_layers)
+
+
+def _save(model: Any, path: Path, progress: bool) -> None:
+    """Write ``path`` and ``path.name + '.data'``, with a byte progress bar."""
+    import onnx_ir as ir
+    from tqdm import tqdm
+
+    from surgery.export_weights import INLINE_BYTES
+
+    total = sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.nbytes > INLINE_BYTES
+    )
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress
+    ) as bar:
+
+        def callback(tensor: Any, info: Any) -> None:
+            bar.update(tensor.nbytes)
+
+        ir.save(
+            model,
+            path,
+            external_data=f"{path.name}.data",
+            size_threshold_bytes=INLINE_BYTES,
+            callback=callback,
+        )
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Export a local PaliGemma / PaliGemma 2 checkpoint to one ONNX graph with external data.
+
+    Args:
+        checkpoint: Hugging Face checkpoint folder (``config.json`` + safetensors).
+        output: The ``.onnx`` file to write; its weights go to ``<output>.data`` beside it.
+        force: Replace existing output files.
+        progress: Print the stages and a progress bar on stderr.
+
+    Returns:
+        The written model path.
+
+    Raises:
+        SurgeryError: Missing folder or config, unsupported architecture, corrupt or incomplete
+            safetensors, or existing output without ``force``. Nothing is written.
+    """
+    from onnxscript import optimizer
+
+    from surgery.export_weights import attach_weights, read_safetensors
+
+    stage = _Stages(progress)
+    checkpoint = Path(checkpoint)
+    raw = _read_config(checkpoint)
+    output = check_destination(output, force=force)
+    entries = read_safetensors(checkpoint)
+    stage(
+        f"checkpoint {checkpoint}: {raw['architectures'][0]} ({raw['text_config']['model_type']}), "
+        f"{len(entries)} tensors"
+    )
+
+    model, buffers = _build_model(checkpoint)
+    num_layers = model.config.text_config.num_hidden_layers
+    key_for = {f"model.{name}": key for name, key in _checkpoint_keys(model, list(entries)).items()}
+    stage("tracing with torch.onnx.export(dynamo=True), weights on the meta device")
+    onnx_model = _trace(model)
+    stage(
+        f"traced: {sum(1 for _ in onnx_model.graph)} nodes, "
+        f"{len(onnx_model.graph.initializers)} initializers"
+    )
+
+    attach_weights(
+        onnx_model,
+        entries,
+        key_for,
+        {f"model.{name}": buffer.numpy() for name, buffer in buffers.items()},
+    )
+    stage("attached checkpoint weights (memory-mapped); optimizing the graph")
+    optimizer.optimize_ir(onnx_model)
+    _tidy_interface(onnx_model, num_layers)
+    stage(f"optimized: {sum(1 for _ in onnx_model.graph)} nodes; writing {output}")
+    with atomic_files(output, force=force) as tmp:
+        _save(onnx_model, tmp / output.name, progress)
+    stage(f"done: {output} + {output.name}.data")
+    return output
