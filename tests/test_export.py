@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -308,7 +309,7 @@ def test_bad_input_raises(kind: str, paligemma2_checkpoint: Path, tmp_path: Path
     checkpoint = make(tmp_path, paligemma2_checkpoint)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with pytest.raises(SurgeryError, match=message) as info:
+    with pytest.raises(SurgeryError, match=re.escape(message)) as info:
         export_checkpoint(checkpoint, out_dir / "model.onnx", progress=False)
     assert "\n" not in str(info.value)
     assert str(checkpoint) in str(info.value)
@@ -331,3 +332,28 @@ def test_bad_input_cli(
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
     assert os.listdir(out_dir) == []
+
+
+def test_bfloat16_checkpoint(paligemma2_checkpoint: Path, tmp_path: Path) -> None:
+    """bf16 weights are cast to float32 while written; the graph matches HF upcast to float32."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from surgery.checkpoint import make_random_checkpoint
+
+    config = json.loads((paligemma2_checkpoint / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    checkpoint = make_random_checkpoint(tmp_path / "config.json", tmp_path / "bf16", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(paligemma2_checkpoint / name, checkpoint / name)
+    onnx_path = export_checkpoint(checkpoint, tmp_path / "model.onnx", progress=False)
+
+    case = _Case(checkpoint, onnx_path)
+    case.model = PaliGemmaForConditionalGeneration.from_pretrained(
+        checkpoint, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    ref, position_ids = _hf_prefill(case)
+    got = case.run(
+        case.inputs["input_ids"], case.inputs["attention_mask"], position_ids, case.empty_past()
+    )
+    assert _max_diff(got[LOGITS], ref.logits) <= ATOL
