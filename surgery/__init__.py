@@ -13,11 +13,12 @@ The public API for composing passes in Python::
 from surgery.adapters import gs_pass
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
-from surgery.io import load, load_model, save
+from surgery.io import load, load_model
 from surgery.manager import Instrument, PassFailed, PassManager, Step
 from surgery.pass_infra import BundlePass, BundlePassResult, ModelPass, PassOptions
 from surgery.recipe import Recipe, load_recipe, parse_recipe
 from surgery.registry import all_passes, get_pass, register
+from surgery.writer import save
 
 __all__ = [
     "Bundle",

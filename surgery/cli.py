@@ -35,9 +35,10 @@ examples:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from surgery.atomic import check_destination
     from surgery.instruments import DumpAfterPass, ProgressLog, TimePasses, VerifyEach
-    from surgery.io import load, save
+    from surgery.io import load
     from surgery.manager import Instrument
     from surgery.recipe import load_recipe
+    from surgery.writer import save
 
     recipe = load_recipe(args.recipe)
     if args.print:

@@ -26,20 +26,12 @@ import onnx_ir.passes.common
 
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
-from surgery.io import save_model
 from surgery.manager import ALL_PARTS, Instrument, Step
 from surgery.memory import PeakAnonSampler
+from surgery.summary import op_histogram
+from surgery.writer import save_model
 
-__all__ = ["DumpAfterPass", "ProgressLog", "TimePasses", "VerifyEach", "op_histogram"]
-
-
-def op_histogram(models: Sequence[ir.Model]) -> collections.Counter[str]:
-    """Count nodes by op type (``domain::Op`` outside the default domain), subgraphs included."""
-    counts: collections.Counter[str] = collections.Counter()
-    for model in models:
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            counts[f"{node.domain}::{node.op_type}" if node.domain else node.op_type] += 1
-    return counts
+__all__ = ["DumpAfterPass", "ProgressLog", "TimePasses", "VerifyEach"]
 
 
 class DumpAfterPass(Instrument):

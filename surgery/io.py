@@ -1,59 +1,32 @@
-"""Load and save bundles with external data, streaming one tensor at a time.
+"""Load bundles with external data, memory-mapped, after checking the data is safe to read.
 
-Reuses ``onnx_ir``: ``onnx_ir.load`` memory-maps external data (nothing is read until a tensor's
-bytes are needed) and ``onnx_ir.save`` streams tensors into the data file (``copy_file_range``
-for tensors that are still external, one tensor's bytes at a time for computed ones). What this
-module adds:
+Reuses ``onnx_ir``: its deserializer turns external data into ``ExternalTensor`` objects that
+memory-map their bytes only when asked, so loading reads no weight. What this module adds:
 
 * validation before anything is read: a file that is not ONNX, a truncated protobuf, an
   external-data file that is missing, too short, or outside the model's folder (refused, never
   opened: ONNX Runtime and ``onnx.load`` refuse such models too, and reading them would let a
   model file read arbitrary files);
-* atomic, non-overwriting output folders (:mod:`surgery.atomic`) with a byte-counting progress bar;
-* layouts: ``plain`` writes ``<part>.onnx`` + ``<part>.onnx.data``; later layouts (Transformers.js)
-  plug into :data:`LAYOUTS`;
-* :func:`save_model`, shared by the writer and ``--dump-dir``. A dump gets its own copy of the
-  weights: ``onnx``, ONNX Runtime and ``onnx_ir`` all refuse external data reached through
-  ``../``, a symbolic link or a hard link, so a dump that loads with its weights cannot point
-  at the original files. The copy is file to file (``copy_file_range``), which copy-on-write
-  filesystems turn into shared extents.
+* parts: a file loads as a one-part bundle; a folder of ``.onnx`` files as one part each.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-import tqdm
 from google.protobuf.message import DecodeError
 
-from surgery.atomic import atomic_dir
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
 
-__all__ = [
-    "INLINE_LIMIT_BYTES",
-    "LAYOUTS",
-    "Layout",
-    "PlainLayout",
-    "iter_tensors",
-    "load",
-    "load_model",
-    "save",
-    "save_model",
-]
+__all__ = ["iter_tensors", "load", "load_model"]
 
 logger = logging.getLogger(__name__)
-
-#: Tensors at or under this size stay inside the protobuf. ONNX Runtime cannot run shape
-#: inference on small shape constants stored as external data.
-INLINE_LIMIT_BYTES = 1024
-#: Offsets of large tensors in data files are aligned to this, for memory mapping.
-ALIGNMENT_BYTES = 4096
 
 
 def iter_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
@@ -138,97 +111,3 @@ def load(path: str | os.PathLike[str]) -> Bundle:
             raise SurgeryError(f"{path}: two files are named '{duplicate}.onnx'; load them apart")
         return Bundle({f.stem: load_model(f) for f in files})
     return Bundle({path.stem: load_model(path)})
-
-
-class Layout:
-    """Where each part and its weights go inside an output folder."""
-
-    name = "layout"
-
-    def model_file(self, part: str) -> str:
-        """The part's model file, relative to the output folder."""
-        raise NotImplementedError
-
-    def data_file(self, part: str) -> str:
-        """The part's external-data file, relative to the model file's folder."""
-        return Path(self.model_file(part)).name + ".data"
-
-
-class PlainLayout(Layout):
-    """``<part>.onnx`` with its weights in ``<part>.onnx.data``."""
-
-    name = "plain"
-
-    def model_file(self, part: str) -> str:
-        return f"{part}.onnx"
-
-
-LAYOUTS: dict[str, type[Layout]] = {"plain": PlainLayout}
-
-
-def _external_bytes(model: ir.Model) -> int:
-    return sum(t.nbytes for _, t in iter_tensors(model) if t.nbytes > INLINE_LIMIT_BYTES)
-
-
-def save(
-    bundle: Bundle,
-    out_dir: str | os.PathLike[str],
-    *,
-    layout: str | Layout = "plain",
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Write every part of ``bundle`` into ``out_dir``, atomically.
-
-    Tensors are streamed one at a time into each part's data file. ``out_dir`` must not exist
-    unless ``force``; on any failure nothing is left behind and an existing ``out_dir`` is kept.
-    """
-    if isinstance(layout, str):
-        if layout not in LAYOUTS:
-            raise SurgeryError(f"unknown layout '{layout}'; choose one of: {', '.join(LAYOUTS)}")
-        layout = LAYOUTS[layout]()
-    total = sum(_external_bytes(model) for model in bundle.values())
-    with (
-        atomic_dir(out_dir, force=force) as tmp,
-        tqdm.tqdm(
-            total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress
-        ) as bar,
-    ):
-        for part, model in bundle.items():
-            bar.set_postfix_str(part)
-            save_model(
-                model,
-                tmp / layout.model_file(part),
-                data_file=layout.data_file(part),
-                callback=lambda tensor, _info: bar.update(tensor.nbytes),
-            )
-        return Path(out_dir)
-
-
-def save_model(
-    model: ir.Model,
-    path: Path,
-    *,
-    data_file: str | None = None,
-    callback: Callable[[ir.TensorProtocol, ir.external_data.CallbackInfo], None] | None = None,
-) -> None:
-    """Write one model and its weights (streamed) to ``path`` and ``data_file`` beside it.
-
-    Tensors over :data:`INLINE_LIMIT_BYTES` go to ``data_file`` (default ``<name>.data``),
-    aligned for memory mapping; tensors still on disk are copied file to file
-    (``copy_file_range``) without passing through Python. No empty data file is left behind.
-    The model in memory is unchanged.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data_file = data_file or path.name + ".data"
-    ir.save(
-        model,
-        path,
-        external_data=data_file,
-        size_threshold_bytes=INLINE_LIMIT_BYTES,
-        alignment=ALIGNMENT_BYTES,
-        callback=callback,
-    )
-    data_path = path.parent / data_file
-    if data_path.exists() and data_path.stat().st_size == 0:
-        data_path.unlink()

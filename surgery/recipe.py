@@ -29,10 +29,10 @@ import pydantic
 import yaml
 
 from surgery.errors import SurgeryError
-from surgery.io import LAYOUTS
 from surgery.manager import PassManager, Step
 from surgery.pass_infra import SurgeryPass
 from surgery.registry import all_passes, get_pass, import_pass
+from surgery.writer import Layout, get_layout
 
 __all__ = ["Recipe", "find_recipe", "load_recipe", "parse_recipe"]
 
@@ -64,7 +64,7 @@ class Recipe:
     steps: list[Step]
     name: str = ""
     description: str = ""
-    layout: str = "plain"
+    layout: Layout = dataclasses.field(default_factory=lambda: get_layout("plain"))
 
     def manager(self, instruments: Any = ()) -> PassManager:
         """A pass manager that runs this recipe."""
@@ -77,7 +77,7 @@ class Recipe:
             doc["name"] = self.name
         if self.description:
             doc["description"] = self.description
-        doc["layout"] = self.layout
+        doc["layout"] = self.layout.describe()
         doc["passes"] = [_entry(step.pass_) for step in self.steps]
         return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
@@ -195,6 +195,19 @@ def _parse_entry(index: int, raw: Any, errors: _Errors) -> tuple[SurgeryPass, st
     return pass_, f"{errors.where(path)}: {prefix}"
 
 
+def _parse_layout(raw: Any, errors: _Errors) -> Layout:
+    if not isinstance(raw, str | dict):
+        raise errors(("layout",), f"layout: expected a layout name or a mapping, got {raw!r}")
+    try:
+        return get_layout(raw)
+    except SurgeryError as exc:
+        raise errors(("layout",), f"layout: {exc}") from None
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        key, message = _describe_option_error(first, [])
+        raise errors(("layout", *first["loc"]), f"layout: {key}: {message}") from None
+
+
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate recipe text; raise :class:`SurgeryError` naming the bad line."""
     try:
@@ -214,9 +227,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     passes = data.get("passes")
     if not isinstance(passes, list):
         raise errors(("passes",), "passes: expected a list of passes")
-    layout = data.get("layout", "plain")
-    if layout not in LAYOUTS:
-        raise errors(("layout",), f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    layout = _parse_layout(data.get("layout", "plain"), errors)
     for key in ("name", "description"):
         if not isinstance(data.get(key, ""), str):
             raise errors((key,), f"{key}: expected a string, got {data[key]!r}")

@@ -7,15 +7,24 @@ from the files on disk; no weight is loaded.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 
 from surgery.bundle import Bundle
-from surgery.instruments import op_histogram
 from surgery.io import iter_tensors
 
-__all__ = ["format_bytes", "summarize"]
+__all__ = ["format_bytes", "op_histogram", "summarize"]
+
+
+def op_histogram(models: Sequence[ir.Model]) -> collections.Counter[str]:
+    """Count nodes by op type (``domain::Op`` outside the default domain), subgraphs included."""
+    counts: collections.Counter[str] = collections.Counter()
+    for model in models:
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            counts[f"{node.domain}::{node.op_type}" if node.domain else node.op_type] += 1
+    return counts
 
 
 def format_bytes(n: float) -> str:

@@ -86,16 +86,16 @@ def test_failing_pass_leaves_no_output_and_inputs_untouched(
         PassManager([RemoveUnused(), Boom()]).run(bundle)
     out = tmp_path / "out"
 
-    def fail_midway(tensor: ir.TensorProtocol, _info: object) -> None:
+    def fail_midway(tensor: ir.TensorProtocol) -> None:
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C while weights were written
 
     bundle = load(model_path)
     with pytest.raises(KeyboardInterrupt):
         from surgery.atomic import atomic_dir
-        from surgery.io import save_model
+        from surgery.writer import save_model
 
         with atomic_dir(out) as tmp:
-            save_model(bundle["m"], tmp / "m.onnx", callback=fail_midway)
+            save_model(bundle["m"], tmp / "m.onnx", progress=fail_midway)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary folder left"
     assert file_digests(model_path.parent) == digests

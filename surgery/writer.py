@@ -1,0 +1,290 @@
+"""Write bundles to disk: one tensor at a time, into named data chunks, atomically.
+
+Departs from ``onnx_ir.save`` (which the rest of the project uses for reading and for its
+tensor classes) in one place: chunk naming. ``onnx_ir`` names shards ``name-00001-of-00003.data``;
+Transformers.js loads exactly ``<file>.onnx_data``, ``<file>.onnx_data_1``, … and counts them in
+``config.json``. So the writer here plans the chunks itself (declaration order, each at or under
+the layout's limit, large tensors aligned for memory mapping), streams each tensor with the
+tensor's own ``tofile`` (``copy_file_range`` for tensors still on disk, one computed tensor at a
+time for lazy ones), then serializes the graph with the tensors pointing at their chunks.
+
+Layouts decide where parts and chunks go; the plain layout is here, the Transformers.js layout
+in :mod:`surgery.transformersjs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+import pydantic
+import tqdm
+
+from surgery.atomic import atomic_dir
+from surgery.bundle import Bundle
+from surgery.errors import SurgeryError
+from surgery.summary import format_bytes
+
+__all__ = [
+    "INLINE_LIMIT_BYTES",
+    "Layout",
+    "LayoutOptions",
+    "PlainLayout",
+    "get_layout",
+    "register_layout",
+    "save",
+    "save_model",
+    "write_model",
+]
+
+#: Tensors at or under this size stay inside the protobuf. ONNX Runtime cannot run shape
+#: inference on small shape constants stored as external data.
+INLINE_LIMIT_BYTES = 1024
+#: Tensors larger than this start at a multiple of :data:`LARGE_ALIGNMENT` (the Windows
+#: allocation granularity, which is also a multiple of every page size), so runtimes can
+#: memory-map them; smaller ones are packed at :data:`SMALL_ALIGNMENT`.
+LARGE_TENSOR_BYTES = 1024 * 1024
+LARGE_ALIGNMENT = 65536
+SMALL_ALIGNMENT = 64
+
+ProgressCallback = Callable[[ir.TensorProtocol], None]
+
+
+def _external_values(model: ir.Model) -> Iterator[ir.Value]:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None and value.const_value.nbytes > INLINE_LIMIT_BYTES:
+                yield value
+
+
+def _tensor(value: ir.Value) -> ir.TensorProtocol:
+    assert value.const_value is not None
+    return value.const_value
+
+
+def _small_external_values(model: ir.Model) -> Iterator[ir.Value]:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= INLINE_LIMIT_BYTES:
+                yield value
+
+
+def _align(offset: int, nbytes: int) -> int:
+    step = LARGE_ALIGNMENT if nbytes > LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
+    return -(-offset // step) * step
+
+
+@dataclasses.dataclass
+class _Placement:
+    value: ir.Value
+    tensor: ir.TensorProtocol
+    chunk: int
+    offset: int
+
+
+def _plan(values: list[ir.Value], max_chunk_bytes: int | None, where: str) -> list[_Placement]:
+    placements: list[_Placement] = []
+    chunk, end = 0, 0
+    for value in values:
+        tensor = _tensor(value)
+        if max_chunk_bytes is not None and tensor.nbytes > max_chunk_bytes:
+            raise SurgeryError(
+                f"{where}: tensor '{value.name}' ({format_bytes(tensor.nbytes)}) is larger than "
+                f"the chunk limit ({format_bytes(max_chunk_bytes)}); split it in the graph first "
+                "(pass split-large-tensors) or raise the limit"
+            )
+        offset = _align(end, tensor.nbytes)
+        if max_chunk_bytes is not None and offset + tensor.nbytes > max_chunk_bytes and end > 0:
+            chunk, offset = chunk + 1, 0
+        placements.append(_Placement(value, tensor, chunk, offset))
+        end = offset + tensor.nbytes
+    return placements
+
+
+def _write_tensor(tensor: ir.TensorProtocol, file: typing.BinaryIO) -> None:
+    """Write a tensor's bytes at the file's position: file to file when the tensor is on disk."""
+    if hasattr(tensor, "tofile"):  # onnx_ir tensors; other TensorProtocol implementations may lack it
+        tensor.tofile(file)  # ExternalTensor: copy_file_range; in memory: no extra copy
+    else:
+        file.write(tensor.tobytes())
+
+
+def write_model(
+    model: ir.Model,
+    path: Path,
+    data_name: Callable[[int], str],
+    *,
+    max_chunk_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[str]:
+    """Write ``model`` to ``path`` with its large tensors in chunk files beside it.
+
+    Args:
+        model: The model; unchanged afterwards.
+        path: The ``.onnx`` file to write.
+        data_name: Chunk index → chunk file name (relative to ``path``'s folder).
+        max_chunk_bytes: Each chunk file stays at or under this size (None: one chunk).
+        progress: Called after each tensor is written.
+
+    Returns:
+        The chunk file names written, in order (empty if every tensor is inline).
+    """
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    placements = _plan(list(_external_values(model)), max_chunk_bytes, str(path.name))
+    chunks = sorted({p.chunk for p in placements})
+    replaced: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for chunk in chunks:
+            with open(folder / data_name(chunk), "wb") as data:
+                for placement in (p for p in placements if p.chunk == chunk):
+                    data.seek(placement.offset)
+                    _write_tensor(placement.tensor, data)
+                    if progress is not None:
+                        progress(placement.tensor)
+        for placement in placements:
+            replaced.append((placement.value, placement.tensor))
+            placement.value.const_value = ir.ExternalTensor(
+                data_name(placement.chunk),
+                placement.offset,
+                placement.tensor.nbytes,
+                placement.tensor.dtype,
+                shape=typing.cast(ir.Shape, placement.tensor.shape),
+                name=placement.value.name or "",
+                base_dir=folder,
+            )
+        # Small tensors that were external in the input become inline, as on any save.
+        for value in list(_small_external_values(model)):
+            assert value.const_value is not None
+            replaced.append((value, value.const_value))
+            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+        ir.save(model, path)
+    finally:
+        for value, tensor in replaced:
+            value.const_value = tensor
+    return [data_name(chunk) for chunk in chunks]
+
+
+def save_model(model: ir.Model, path: Path, *, progress: ProgressCallback | None = None) -> None:
+    """Write one model to ``path`` with all its large tensors in ``<name>.data`` beside it."""
+    write_model(model, path, lambda _: f"{path.name}.data", progress=progress)
+
+
+class LayoutOptions(pydantic.BaseModel):
+    """Base of every layout's options (given in a recipe's ``layout:`` mapping)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Layout:
+    """Where each part and its data chunks go inside an output folder, and what goes beside."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[LayoutOptions]] = LayoutOptions
+
+    def __init__(self, options: LayoutOptions | None = None, **kwargs: Any) -> None:
+        self.options = options if options is not None else self.Options(**kwargs)
+
+    @property
+    def max_chunk_bytes(self) -> int | None:
+        """Size limit of one data chunk (None: unlimited)."""
+        return None
+
+    def model_file(self, part: str) -> str:
+        """The part's model file, relative to the output folder."""
+        raise NotImplementedError
+
+    def data_file(self, part: str, chunk: int) -> str:
+        """The name of the part's ``chunk``-th data file, beside its model file."""
+        raise NotImplementedError
+
+    def finish(self, out_dir: Path, bundle: Bundle, chunks: dict[str, list[str]]) -> None:
+        """Write what goes beside the models (configs); ``chunks`` maps part → data files."""
+
+    def describe(self) -> str | dict[str, Any]:
+        """This layout as a recipe's ``layout:`` value."""
+        options = self.options.model_dump(mode="json", exclude_defaults=True)
+        return {"name": self.name, **options} if options else self.name
+
+
+class PlainLayout(Layout):
+    """``<part>.onnx`` with its weights in ``<part>.onnx.data``."""
+
+    name = "plain"
+
+    def model_file(self, part: str) -> str:
+        return f"{part}.onnx"
+
+    def data_file(self, part: str, chunk: int) -> str:
+        return f"{part}.onnx.data"
+
+
+_LAYOUTS: dict[str, type[Layout]] = {}
+
+
+def register_layout(cls: type[Layout]) -> type[Layout]:
+    """Class decorator: make a layout available by name to recipes and :func:`save`."""
+    _LAYOUTS[cls.name] = cls
+    return cls
+
+
+register_layout(PlainLayout)
+
+
+def get_layout(spec: str | dict[str, Any] | Layout) -> Layout:
+    """A layout from its name, a recipe mapping ``{name: ..., <options>}``, or as is.
+
+    Raises:
+        SurgeryError: unknown name; ``pydantic.ValidationError``: bad options.
+    """
+    if isinstance(spec, Layout):
+        return spec
+    import surgery.transformersjs  # noqa: F401  (registers the transformers.js layout)
+
+    options = dict(spec) if isinstance(spec, dict) else {"name": spec}
+    name = options.pop("name", None)
+    if name not in _LAYOUTS:
+        raise SurgeryError(f"unknown layout {name!r}; choose one of: {', '.join(sorted(_LAYOUTS))}")
+    cls = _LAYOUTS[name]
+    return cls(cls.Options(**options))
+
+
+def save(
+    bundle: Bundle,
+    out_dir: str | os.PathLike[str],
+    *,
+    layout: str | dict[str, Any] | Layout = "plain",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write every part of ``bundle`` into ``out_dir``, atomically.
+
+    Tensors are streamed one at a time. ``out_dir`` must not exist unless ``force``; on any
+    failure nothing is left behind and an existing ``out_dir`` is kept.
+    """
+    layout = get_layout(layout)
+    total = sum(_tensor(v).nbytes for m in bundle.values() for v in _external_values(m))
+    with (
+        atomic_dir(out_dir, force=force) as tmp,
+        tqdm.tqdm(
+            total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress
+        ) as bar,
+    ):
+        chunks: dict[str, list[str]] = {}
+        for part, model in bundle.items():
+            bar.set_postfix_str(part)
+            chunks[part] = write_model(
+                model,
+                tmp / layout.model_file(part),
+                lambda chunk, part=part: layout.data_file(part, chunk),  # type: ignore[misc]
+                max_chunk_bytes=layout.max_chunk_bytes,
+                progress=lambda tensor: bar.update(tensor.nbytes),
+            )
+        layout.finish(tmp, bundle, chunks)
+    return Path(out_dir)

@@ -1,0 +1,66 @@
+"""The chunked writer: Transformers.js chunk names, sizes under the limit, alignment, parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from _util import run_onnx
+
+from surgery import SurgeryError, load
+from surgery.synthetic import write_synthetic_model
+from surgery.transformersjs import TransformersJsLayout
+from surgery.writer import LARGE_ALIGNMENT, write_model
+
+
+def test_chunks_stay_under_the_limit_with_transformersjs_names(tmp_path: Path) -> None:
+    source = write_synthetic_model(tmp_path / "m.onnx", layers=6)  # six 4 KiB weights
+    layout = TransformersJsLayout(max_chunk_bytes=10_000)
+    out = tmp_path / "out" / layout.model_file("decoder_fp16")
+    names = write_model(
+        load(source)["m"],
+        out,
+        lambda chunk: layout.data_file("decoder_fp16", chunk),
+        max_chunk_bytes=layout.max_chunk_bytes,
+    )
+    assert out == tmp_path / "out" / "onnx" / "decoder_fp16.onnx"
+    assert names == ["decoder_fp16.onnx_data", "decoder_fp16.onnx_data_1", "decoder_fp16.onnx_data_2"]
+    sizes = [(out.parent / n).stat().st_size for n in names]
+    assert all(size <= 10_000 for size in sizes), sizes
+    locations = {
+        e.value
+        for t in onnx.load(out, load_external_data=False).graph.initializer
+        for e in t.external_data
+        if e.key == "location"
+    }
+    assert locations == set(names)
+    # Same weights, same kernels: the outputs are bitwise equal.
+    np.testing.assert_array_equal(run_onnx(out), run_onnx(source))
+
+
+def test_large_tensors_are_aligned_for_memory_mapping(tmp_path: Path) -> None:
+    source = write_synthetic_model(tmp_path / "m.onnx", width=600, layers=3)  # 1.4 MB weights
+    out = tmp_path / "out" / "m.onnx"
+    write_model(load(source)["m"], out, lambda _: "m.onnx_data")
+    offsets = {
+        t.name: int(e.value)
+        for t in onnx.load(out, load_external_data=False).graph.initializer
+        for e in t.external_data
+        if e.key == "offset"
+    }
+    weights = [offsets[f"layer{i}.weight"] for i in range(3)]
+    assert all(offset % LARGE_ALIGNMENT == 0 for offset in weights), weights
+    assert any(offset % LARGE_ALIGNMENT for offset in offsets.values()), "small ones packed"
+    np.testing.assert_array_equal(run_onnx(out, width=600), run_onnx(source, width=600))
+
+
+def test_a_tensor_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
+    source = write_synthetic_model(tmp_path / "m.onnx")
+    with pytest.raises(SurgeryError) as info:
+        write_model(load(source)["m"], tmp_path / "out.onnx", lambda c: f"d{c}", max_chunk_bytes=1000)
+    assert str(info.value) == (
+        "out.onnx: tensor 'layer0.weight' (4.0 KiB) is larger than the chunk limit (1000 B); "
+        "split it in the graph first (pass split-large-tensors) or raise the limit"
+    )
