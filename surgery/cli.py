@@ -127,6 +127,26 @@ def _cmd_make_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from surgery.verify import verify
+
+    ok, report = verify(
+        Path(args.target),
+        Path(args.checkpoint),
+        prompts=args.prompt,
+        images=[Path(p) for p in args.image] if args.image else None,
+        max_new_tokens=args.max_new_tokens,
+        suffix=args.suffix,
+    )
+    print(report)
+    if not ok:
+        raise SurgeryError(
+            f"{args.target}: greedy tokens differ from PyTorch (see the table above)"
+        )
+    print("greedy tokens identical to PyTorch generate()")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from surgery.demo import run_demo
 
@@ -217,6 +237,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    p = command(
+        "verify",
+        _cmd_verify,
+        "compare greedy generation of ONNX parts (or a whole exported graph) with PyTorch",
+    )
+    p.add_argument("target", help="a Transformers.js output folder, or an exported .onnx file")
+    p.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint folder")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt (repeat for a batch; default: two built-in ones)",
+    )
+    p.add_argument(
+        "--image", action="append", help="an image file (one, or one per prompt; default: random)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default 20)")
+    p.add_argument(
+        "--suffix", default="", help="file suffix of the parts, e.g. _fp16 (default: fp32)"
+    )
 
     p = command(
         "demo", _cmd_demo, "build a tiny random PaliGemma 2, export it, run the flagship recipe"
