@@ -41,6 +41,7 @@ from typing import Any
 
 from surgery.atomic import atomic_files, check_destination
 from surgery.errors import SurgeryError
+from surgery.transformersjs import CHECKPOINT_METADATA_KEY
 
 __all__ = [
     "ATTENTION_MASK",
@@ -279,8 +280,9 @@ def _trace(model: Any) -> Any:
     return program.model
 
 
-def _tidy_interface(model: Any, num_layers: int) -> None:
-    """Name the presents' length axis ``total_sequence_length`` (the exporter writes a sum)."""
+def _tidy_interface(model: Any, num_layers: int, checkpoint: Path) -> None:
+    """Name the presents' length axis ``total_sequence_length`` (the exporter writes a sum), and
+    record the checkpoint folder for layouts that copy its configs and tokenizer."""
     import onnx_ir as ir
 
     for value in model.graph.outputs:
@@ -290,34 +292,23 @@ def _tidy_interface(model: Any, num_layers: int) -> None:
             value.shape = ir.Shape(dims)
     model.producer_name = "onnx-surgery"
     model.metadata_props["onnx_surgery.num_layers"] = str(num_layers)
+    model.metadata_props[CHECKPOINT_METADATA_KEY] = str(checkpoint.resolve())
 
 
 def _save(model: Any, path: Path, progress: bool) -> None:
     """Write ``path`` and ``path.name + '.data'``, with a byte progress bar."""
-    import onnx_ir as ir
     from tqdm import tqdm
 
-    from surgery.export_weights import INLINE_BYTES
+    from surgery.writer import external_bytes, save_model
 
-    total = sum(
-        v.const_value.nbytes
-        for v in model.graph.initializers.values()
-        if v.const_value is not None and v.const_value.nbytes > INLINE_BYTES
-    )
     with tqdm(
-        total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress
+        total=external_bytes(model),
+        unit="B",
+        unit_scale=True,
+        desc="writing weights",
+        disable=not progress,
     ) as bar:
-
-        def callback(tensor: Any, info: Any) -> None:
-            bar.update(tensor.nbytes)
-
-        ir.save(
-            model,
-            path,
-            external_data=f"{path.name}.data",
-            size_threshold_bytes=INLINE_BYTES,
-            callback=callback,
-        )
+        save_model(model, path, progress=lambda tensor: bar.update(tensor.nbytes))
 
 
 def export_checkpoint(
@@ -374,7 +365,7 @@ def export_checkpoint(
     )
     stage("attached checkpoint weights (memory-mapped); optimizing the graph")
     optimizer.optimize_ir(onnx_model)
-    _tidy_interface(onnx_model, num_layers)
+    _tidy_interface(onnx_model, num_layers, checkpoint)
     stage(f"optimized: {sum(1 for _ in onnx_model.graph)} nodes; writing {output}")
     with atomic_files(output, force=force) as tmp:
         _save(onnx_model, tmp / output.name, progress)

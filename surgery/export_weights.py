@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from surgery.errors import SurgeryError
+from surgery.writer import INLINE_LIMIT_BYTES
 
 __all__ = ["CastingTensor", "SafetensorsEntry", "attach_weights", "read_safetensors"]
 
@@ -47,8 +48,6 @@ _DTYPES: dict[str, tuple[ir.DataType, int]] = {
 }
 #: Elements converted at once by :class:`CastingTensor` (64 MiB of float32).
 _CAST_BLOCK_ELEMENTS = 16 * 1024 * 1024
-#: Tensors under this size are read into memory and stay inline in the saved model.
-INLINE_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,9 @@ class CastingTensor(ir.LazyTensor):
 
 def _tensor_for(entry: SafetensorsEntry, name: str, want: ir.DataType) -> ir.TensorProtocol:
     dtype = _DTYPES[entry.dtype][0]
-    if entry.length <= INLINE_BYTES:  # small: inline, so ONNX Runtime can read shape constants
+    if (
+        entry.length <= INLINE_LIMIT_BYTES
+    ):  # small: inline, so ONNX Runtime can read shape constants
         if dtype == want:
             with entry.path.open("rb") as f:
                 f.seek(entry.offset)

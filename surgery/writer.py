@@ -35,6 +35,7 @@ __all__ = [
     "Layout",
     "LayoutOptions",
     "PlainLayout",
+    "external_bytes",
     "get_layout",
     "register_layout",
     "save",
@@ -65,6 +66,11 @@ def _external_values(model: ir.Model) -> Iterator[ir.Value]:
 def _tensor(value: ir.Value) -> ir.TensorProtocol:
     assert value.const_value is not None
     return value.const_value
+
+
+def external_bytes(model: ir.Model) -> int:
+    """Bytes the model's data files will hold (tensors above the inline limit)."""
+    return sum(_tensor(v).nbytes for v in _external_values(model))
 
 
 def _small_external_values(model: ir.Model) -> Iterator[ir.Value]:
@@ -109,7 +115,9 @@ def _plan(values: list[ir.Value], max_chunk_bytes: int | None, where: str) -> li
 
 def _write_tensor(tensor: ir.TensorProtocol, file: typing.BinaryIO) -> None:
     """Write a tensor's bytes at the file's position: file to file when the tensor is on disk."""
-    if hasattr(tensor, "tofile"):  # onnx_ir tensors; other TensorProtocol implementations may lack it
+    if hasattr(
+        tensor, "tofile"
+    ):  # onnx_ir tensors; other TensorProtocol implementations may lack it
         tensor.tofile(file)  # ExternalTensor: copy_file_range; in memory: no extra copy
     else:
         file.write(tensor.tobytes())
@@ -269,7 +277,7 @@ def save(
     failure nothing is left behind and an existing ``out_dir`` is kept.
     """
     layout = get_layout(layout)
-    total = sum(_tensor(v).nbytes for m in bundle.values() for v in _external_values(m))
+    total = sum(external_bytes(m) for m in bundle.values())
     with (
         atomic_dir(out_dir, force=force) as tmp,
         tqdm.tqdm(
