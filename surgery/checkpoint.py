@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgery.atomic import atomic_dir
 from surgery.errors import SurgeryError
+from surgery.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -189,10 +190,7 @@ def _load_config(preset_or_config: str | os.PathLike[str]) -> tuple[PaliGemmaCon
         raise SurgeryError(
             f"{name}: neither a preset nor a config.json; presets: {', '.join(PRESETS)}"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise SurgeryError(f"{path}: cannot read a JSON config ({err}); fix or replace it") from err
+    raw = read_json_object(path)
     if raw.get("model_type") != "paligemma":
         raise SurgeryError(
             f"{path}: model_type is {raw.get('model_type')!r}; make-random writes 'paligemma' only"

@@ -29,7 +29,6 @@ Graph interface (see README "Exported graph"):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 
 from surgery.atomic import atomic_files, check_destination
 from surgery.errors import SurgeryError
+from surgery.jsonfile import read_json_object
 from surgery.transformersjs import CHECKPOINT_METADATA_KEY
 
 __all__ = [
@@ -139,12 +139,7 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
         raise SurgeryError(
             f"{checkpoint}: no config.json; pass a Hugging Face checkpoint folder (config + safetensors)"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise SurgeryError(f"{path}: not valid JSON ({err}); fix or re-download it") from err
-    if not isinstance(raw, dict):
-        raise SurgeryError(f"{path}: not a JSON object; fix or re-download it")
+    raw = read_json_object(path, fix="fix or re-download it")
     architectures = raw.get("architectures") or [raw.get("model_type", "unknown")]
     text_type = (raw.get("text_config") or {}).get("model_type", "gemma")
     supported = f"{', '.join(SUPPORTED_ARCHITECTURES)} with a {' or '.join(SUPPORTED_TEXT_MODELS)} text model"

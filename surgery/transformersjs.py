@@ -26,6 +26,7 @@ import pydantic
 
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
+from surgery.jsonfile import read_json_object
 from surgery.writer import Layout, LayoutOptions, register_layout
 
 __all__ = ["CHECKPOINT_METADATA_KEY", "TransformersJsLayout"]
@@ -99,7 +100,9 @@ class TransformersJsLayout(Layout):
             },
         }
         _write_json(out_dir / "config.json", config)
-        preprocessor = _read_json(checkpoint / "preprocessor_config.json")
+        preprocessor = read_json_object(
+            checkpoint / "preprocessor_config.json", fix="the checkpoint folder is incomplete"
+        )
         preprocessor.setdefault("image_seq_length", _image_tokens(config))
         _write_json(out_dir / "preprocessor_config.json", preprocessor)
         _write_json(out_dir / "generation_config.json", _generation_config(checkpoint, config))
@@ -108,18 +111,6 @@ class TransformersJsLayout(Layout):
                 shutil.copyfile(checkpoint / name, out_dir / name)
             elif name != "special_tokens_map.json":
                 raise SurgeryError(f"{checkpoint}: no {name}; Transformers.js needs it")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SurgeryError(f"{path}: missing; the checkpoint folder is incomplete") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SurgeryError(f"{path}: cannot read JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise SurgeryError(f"{path}: expected a JSON object")
-    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -147,7 +138,7 @@ def _image_tokens(config: dict[str, Any]) -> int:
 def _generation_config(checkpoint: Path, config: dict[str, Any]) -> dict[str, Any]:
     path = checkpoint / "generation_config.json"
     if path.is_file():
-        return _read_json(path)
+        return read_json_object(path)
     text = config["text_config"]
     return {
         key: text[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in text
