@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery import SurgeryError, get_pass, parse_recipe
+from surgery import SurgeryError, all_passes, get_pass, parse_recipe
 from surgery.cli import main
 from surgery.recipe import load_recipe
 
@@ -38,10 +38,11 @@ def test_unknown_pass_suggests_the_nearest_and_lists_all() -> None:
           - pass: topological-srot
         """
     )
+    valid = ", ".join(all_passes())
+    assert {"cse", "remove-unused", "topological-sort"} <= set(all_passes())
     assert message == (
         "r.yaml:3: passes[1] (topological-srot): unknown pass 'topological-srot'; did you mean "
-        "'topological-sort'? valid passes: cse, dedup-initializers, optimize, remove-unused, "
-        "shape-inference, topological-sort"
+        f"'topological-sort'? valid passes: {valid}"
     )
 
 
