@@ -38,6 +38,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from surgery.io import load
     from surgery.manager import Instrument
     from surgery.recipe import load_recipe
+    from surgery.transformersjs import TransformersJsLayout
     from surgery.writer import save
 
     recipe = load_recipe(args.recipe)
@@ -57,8 +58,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         instruments.append(DumpAfterPass(args.dump_dir, only_changed=args.dump_changed))
     if args.time_passes:
         instruments.append(TimePasses())
+    layout = recipe.layout
+    if args.checkpoint:
+        if not isinstance(layout, TransformersJsLayout):
+            raise SurgeryError(
+                f"--checkpoint: only the transformers.js layout uses it; {recipe.source} "
+                f"writes the '{layout.name}' layout"
+            )
+        layout.checkpoint = Path(args.checkpoint)
     recipe.manager(instruments).run(bundle)
-    save(bundle, out, layout=recipe.layout, force=args.force, progress=not args.quiet)
+    save(bundle, out, layout=layout, force=args.force, progress=not args.quiet)
     print(f"wrote {out}")
     return 0
 
@@ -199,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         "--verify-each", action="store_true", help="run the ONNX checker after every pass"
     )
     p.add_argument("--print", action="store_true", help="print the resolved recipe first")
+    p.add_argument(
+        "--checkpoint",
+        help="Hugging Face checkpoint folder whose configs and tokenizer the transformers.js "
+        "layout copies (default: the one recorded by `surgery export`)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     p = command("passes", _cmd_passes, "list the available passes, or document one")
