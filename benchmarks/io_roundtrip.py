@@ -19,41 +19,17 @@ Usage: python benchmarks/io_roundtrip.py [--sizes 1 4] [--repeat 3] [--workdir D
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from surgery.memory import PeakAnonSampler
+from _harness import timed
+
 from surgery.synthetic import write_synthetic_model
 
 GIB = 2**30
-
-
-def _cold_cache() -> None:
-    """Flush dirty pages and, where permitted, drop the page cache."""
-    os.sync()
-    with contextlib.suppress(OSError):
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def _timed(command: list[str]) -> tuple[float, int]:
-    """Run ``command`` from a cold cache until its data is on disk; return wall s, peak anon bytes."""
-    _cold_cache()
-    start = time.perf_counter()
-    proc = subprocess.Popen(command)
-    with PeakAnonSampler(interval_s=0.01, status=Path(f"/proc/{proc.pid}/status")) as sampler:
-        code = proc.wait()
-    os.sync()
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{' '.join(command)} failed with exit code {code}")
-    return wall, sampler.peak_bytes
 
 
 def _measure(size_gib: float, workdir: Path, repeat: int) -> list[tuple[str, float, float, float]]:
@@ -77,8 +53,8 @@ def _measure(size_gib: float, workdir: Path, repeat: int) -> list[tuple[str, flo
     ]
     cp_runs, runs = [], []
     for _ in range(repeat):
-        cp_runs.append(_timed(["cp", str(data), str(copy)]))
-        runs.append(_timed(cli))
+        cp_runs.append(timed(["cp", str(data), str(copy)]))
+        runs.append(timed(cli))
         assert (out / "model.onnx.data").stat().st_size >= data.stat().st_size - 4096
         shutil.rmtree(out)
         copy.unlink()

@@ -22,16 +22,13 @@ Usage: python benchmarks/weights.py [--sizes 4 8] [--skip-occ-above 8] [--workdi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from surgery.memory import PeakAnonSampler
+from _harness import timed
+
 from surgery.synthetic import write_synthetic_model
 
 GIB = 2**30
@@ -58,27 +55,6 @@ onnx.save(model, out / "model.onnx", save_as_external_data=True, location="model
 """
 
 
-def _cold_cache() -> None:
-    """Flush dirty pages and, where permitted, drop the page cache."""
-    os.sync()
-    with contextlib.suppress(OSError):
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def _timed(command: list[str]) -> tuple[float, int]:
-    """Run ``command`` from a cold cache until its data is on disk; return wall s, peak anon bytes."""
-    _cold_cache()
-    start = time.perf_counter()
-    proc = subprocess.Popen(command)
-    with PeakAnonSampler(interval_s=0.01, status=Path(f"/proc/{proc.pid}/status")) as sampler:
-        code = proc.wait()
-    os.sync()
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{' '.join(command[:3])} failed with exit code {code}")
-    return wall, sampler.peak_bytes
-
-
 def _measure(size_gib: float, workdir: Path, occ: bool) -> list[tuple[str, float, int, int]]:
     """Rows ``(step, wall s, peak anon bytes, data bytes written)`` for one model size."""
     folder = workdir / f"model-{size_gib:g}g"
@@ -90,7 +66,7 @@ def _measure(size_gib: float, workdir: Path, occ: bool) -> list[tuple[str, float
     size = f"{size_gib:g} GiB"
     rows = []
     copy = workdir / "copy.data"
-    wall, peak = _timed(["cp", str(data), str(copy)])
+    wall, peak = timed(["cp", str(data), str(copy)])
     rows.append((f"cp ({size})", wall, peak, copy.stat().st_size))
     copy.unlink()
     steps = [("surgery fp16 + write", _SURGERY)]
@@ -98,7 +74,7 @@ def _measure(size_gib: float, workdir: Path, occ: bool) -> list[tuple[str, float
         steps.append(("onnxconverter-common + onnx.save", _ONNXCONVERTER))
     for name, script in steps:
         out = workdir / "out"
-        wall, peak = _timed([sys.executable, "-c", script, str(model), str(out)])
+        wall, peak = timed([sys.executable, "-c", script, str(model), str(out)])
         rows.append((f"{name} ({size})", wall, peak, (out / "model.onnx.data").stat().st_size))
         shutil.rmtree(out)
     shutil.rmtree(folder)
