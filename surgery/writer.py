@@ -14,6 +14,8 @@ in :mod:`surgery.transformersjs`.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import typing
@@ -52,6 +54,10 @@ INLINE_LIMIT_BYTES = 1024
 LARGE_TENSOR_BYTES = 1024 * 1024
 LARGE_ALIGNMENT = 65536
 SMALL_ALIGNMENT = 64
+
+#: Lazy tensors computed ahead of the writer: at most this many bytes, by this many threads.
+AHEAD_BYTES = 256 * 1024 * 1024
+AHEAD_WORKERS = 2
 
 ProgressCallback = Callable[[ir.TensorProtocol], None]
 
@@ -123,6 +129,52 @@ def _write_tensor(tensor: ir.TensorProtocol, file: typing.BinaryIO) -> None:
         file.write(tensor.tobytes())
 
 
+def _computed_ahead(
+    placements: list[_Placement],
+) -> Iterator[tuple[_Placement, ir.TensorProtocol | None]]:
+    """Yield placements in order, with lazy tensors already computed by worker threads.
+
+    A plain ``onnx_ir.LazyTensor`` (an fp16 conversion, say) is computed in a thread while
+    earlier tensors are written: numpy releases the GIL, so computing and writing overlap.
+    At most :data:`AHEAD_BYTES` of computed tensors wait at once (a larger tensor still goes,
+    alone). Other tensors (still on disk, in memory, or streaming themselves) pass through.
+    """
+
+    def computes_ahead(tensor: ir.TensorProtocol) -> bool:
+        return type(tensor) is ir.LazyTensor
+
+    def compute(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+        return ir.Tensor(tensor.numpy(), name=tensor.name)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=AHEAD_WORKERS) as pool:
+        waiting: collections.deque[
+            tuple[_Placement, concurrent.futures.Future[ir.TensorProtocol] | None]
+        ]
+        waiting = collections.deque()
+        waiting_bytes = 0
+        upcoming = iter(placements)
+        exhausted = False
+        while waiting or not exhausted:
+            while not exhausted and (not waiting or waiting_bytes < AHEAD_BYTES):
+                placement = next(upcoming, None)
+                if placement is None:
+                    exhausted = True
+                    break
+                if computes_ahead(placement.tensor):
+                    waiting.append((placement, pool.submit(compute, placement.tensor)))
+                    waiting_bytes += placement.tensor.nbytes
+                else:
+                    waiting.append((placement, None))
+            placement, future = waiting.popleft()
+            if future is None:
+                yield placement, None
+                continue
+            computed = future.result()
+            waiting_bytes -= placement.tensor.nbytes
+            yield placement, computed
+            del computed
+
+
 def write_model(
     model: ir.Model,
     path: Path,
@@ -149,13 +201,19 @@ def write_model(
     chunks = sorted({p.chunk for p in placements})
     replaced: list[tuple[ir.Value, ir.TensorProtocol]] = []
     try:
-        for chunk in chunks:
-            with open(folder / data_name(chunk), "wb") as data:
-                for placement in (p for p in placements if p.chunk == chunk):
-                    data.seek(placement.offset)
-                    _write_tensor(placement.tensor, data)
-                    if progress is not None:
-                        progress(placement.tensor)
+        files: dict[int, typing.BinaryIO] = {}
+        try:
+            for placement, computed in _computed_ahead(placements):
+                if placement.chunk not in files:
+                    files[placement.chunk] = open(folder / data_name(placement.chunk), "wb")  # noqa: SIM115
+                data = files[placement.chunk]
+                data.seek(placement.offset)
+                _write_tensor(computed if computed is not None else placement.tensor, data)
+                if progress is not None:
+                    progress(placement.tensor)
+        finally:
+            for data in files.values():
+                data.close()
         for placement in placements:
             replaced.append((placement.value, placement.tensor))
             placement.value.const_value = ir.ExternalTensor(
