@@ -3,8 +3,9 @@
 The Transformers.js layout holds several variants of each part (``decoder_model_merged.onnx``,
 ``decoder_model_merged_fp16.onnx``, …). A recipe makes them by copying the parts
 (``copy-parts`` with ``suffix: _fp16``), then running the variant's passes on the copies only.
-Copies come from ``onnx_ir.Model.clone``: new graph objects, the same tensor objects, so no weight
-is duplicated in memory (each written file still gets its own bytes on disk).
+Copies come from :func:`surgery.cloning.clone_model` (``onnx_ir.Model.clone`` with unshared value
+types): new graph objects, the same tensor objects, so no weight is duplicated in memory (each
+written file still gets its own bytes on disk).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import pydantic
 
 from surgery.bundle import Bundle
+from surgery.cloning import clone_model
 from surgery.errors import SurgeryError
 from surgery.pass_infra import BundlePass, BundlePassResult, PassOptions
 from surgery.registry import register
@@ -60,6 +62,6 @@ class CopyParts(BundlePass):
                 raise SurgeryError(
                     f"copy-parts: part '{copy}' already exists; choose another suffix"
                 )
-            bundle[copy] = bundle[part].clone()
+            bundle[copy] = clone_model(bundle[part])
             logger.debug("copied part %s to %s", part, copy)
         return BundlePassResult(bundle, modified=True)

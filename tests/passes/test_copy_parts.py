@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -51,3 +52,14 @@ def test_recipe_validation_knows_the_copies() -> None:
     )
     with pytest.raises(SurgeryError, match=r"suffix: string should match pattern"):
         parse_recipe("passes: [{pass: copy-parts, options: {suffix: 'a b'}}]\n", "r.yaml")
+
+
+def test_retyping_a_copy_leaves_the_original_alone(tmp_path: Path) -> None:
+    # onnx_ir's clone shares type objects and `Value.dtype = …` mutates them in place: a copy
+    # converted to fp16 must not retype the original.
+    bundle = load(write_synthetic_model(tmp_path / "m.onnx"))
+    PassManager([CopyParts(suffix="_v2")]).run(bundle)
+    bundle["m_v2"].graph.inputs[0].dtype = ir.DataType.FLOAT16
+    bundle["m_v2"].graph.outputs[0].shape = ir.Shape(["n", 32])
+    assert bundle["m"].graph.inputs[0].dtype == ir.DataType.FLOAT
+    assert str(bundle["m"].graph.outputs[0].shape) == "[batch_size,32]"
