@@ -21,7 +21,9 @@ inputs and a glob in ``outputs`` its graph outputs, in graph order (plain names 
 Reused: the subgraph itself is built by ``onnx_ir.convenience.extract`` (a ``GraphView`` of the
 nodes between the boundaries, cloned by onnx_ir's cloner: nodes and values are new objects, weight
 tensors are *shared*, so no byte is copied and each written file later gets its own copy on disk);
-unused functions are dropped by onnx_ir's ``RemoveUnusedFunctionsPass``. Where this departs:
+unused functions are dropped by onnx_ir's ``RemoveUnusedFunctionsPass``; each part then gets its
+own type and shape objects (``surgery.cloning.unshare``: onnx_ir's cloner shares them, and a pass
+retyping one part must not retype another). Where this departs:
 before extracting, the boundaries are checked with our own walk (the same walk ``extract`` does),
 because ``extract`` only says a subgraph is "not properly bounded"; ours names the part, the value
 that reaches outside, the declared output it is reached from and what to do, suggests the nearest
@@ -53,6 +55,7 @@ import onnx_ir.passes.common
 import pydantic
 
 from surgery.bundle import Bundle
+from surgery.cloning import unshare
 from surgery.errors import SurgeryError
 from surgery.pass_infra import BundlePass, BundlePassResult, PassOptions
 from surgery.registry import register
@@ -274,7 +277,7 @@ def _make_part(model: ir.Model, graph: ir.Graph, name: str) -> ir.Model:
     )
     part.metadata_props.update(model.metadata_props)
     ir.passes.common.RemoveUnusedFunctionsPass()(part)
-    return part
+    return unshare(part)
 
 
 @register

@@ -125,6 +125,12 @@ def test_split_keep_source_and_position_in_bundle() -> None:
     bundle = Bundle({"first": other, "model": _model(), "last": other})
     _split(bundle, source="model", keep_source=True, parts={"head": HEAD_TAIL["head"]})
     assert bundle.parts == ["first", "model", "head", "last"]
+    # Retyping a value of the new part (as fp16 does) leaves the source alone.
+    bundle["head"].graph.outputs[0].dtype = ir.DataType.FLOAT16
+    bundle["head"].graph.inputs[0].shape[1] = 8  # type: ignore[index]
+    source = ir.convenience.create_value_mapping(bundle["model"].graph)
+    assert source["a"].dtype == ir.DataType.FLOAT
+    assert str(source["x"].shape) == "[batch,4]"
 
 
 def test_split_unused_input_is_an_error_unless_allowed() -> None:
