@@ -1,7 +1,7 @@
 """``surgery demo``: the whole path on a tiny random PaliGemma 2, with no download.
 
-make a random checkpoint → export one ONNX graph → run the shipped recipe → inspect the result
-→ compare greedy generation with PyTorch. Everything is built in a temporary folder beside the
+make a random checkpoint → export one ONNX graph → run the flagship recipe (the Transformers.js
+folder, fp32 and fp16) → inspect the result → compare greedy generation with PyTorch. Everything is built in a temporary folder beside the
 work folder and moved into place at the end.
 """
 
@@ -22,7 +22,7 @@ from surgery.writer import save
 __all__ = ["run_demo"]
 
 PRESET = "tiny-paligemma2"
-RECIPE = "cleanup"
+RECIPE = "paligemma2"
 
 
 def _stage(message: str) -> None:
@@ -44,9 +44,13 @@ def run_demo(output: str | Path, *, force: bool = False) -> int:
         save(bundle, work / "out", layout=recipe.layout)
         _stage("4/5 inspect")
         print(summarize(load(work / "out")))
-        _stage("5/5 greedy generation: ONNX Runtime vs PyTorch generate()")
-        ok, report = verify(work / "out" / "model.onnx", checkpoint)
-        print(report)
+        ok = True
+        for suffix in ("", "_fp16"):
+            files = f"onnx/*{suffix}.onnx" if suffix else "onnx/*.onnx (fp32)"
+            _stage(f"5/5 greedy generation of {files}: ONNX Runtime vs PyTorch generate()")
+            same, report = verify(work / "out", checkpoint, suffix=suffix)
+            print(report)
+            ok &= same
     verdict = "identical to" if ok else "DIFFERENT from"
     print(f"\ndemo: greedy tokens {verdict} PyTorch; everything is in {output}/")
     return 0 if ok else 1
