@@ -33,6 +33,12 @@ need several parts out of one source, which is what a bounded copy does.
 
 Decisions:
 
+* A part that reads an undeclared graph input only through ``Shape`` nodes is not refused when a
+  declared input carries the same dims (same symbolic names, same static sizes, contiguous): the
+  ``Shape`` nodes are pointed at that input (``start``/``end`` adjusted). ONNX gives one
+  ``dim_param`` name one size across a model, and the dynamo exporter reads a shared dim from
+  whichever input has it first: PaliGemma's decoder takes ``sequence_length`` from ``input_ids``,
+  which the decoder part must not need (it gets ``inputs_embeds``).
 * A declared input that the part's outputs do not need is an error (a misspelt boundary usually
   shows up this way); set ``allow_unused_inputs: true`` to keep such inputs as graph inputs (a
   runtime that feeds a fixed interface).
@@ -288,7 +294,9 @@ class Split(BundlePass):
     be intermediate values of the source, or ``fnmatch`` globs (``past_key_values.*``) that match
     the source's graph inputs (in ``inputs``) or graph outputs (in ``outputs``); a glob that
     matches nothing is an error. A part that needs a graph input it does not declare is refused,
-    naming the value and the output that needs it. Parts share weight tensors in memory (no copy;
+    naming the value and the output that needs it, unless the part reads that input only through
+    ``Shape`` nodes and a declared input carries the same named dims (a dynamo export takes
+    ``sequence_length`` from ``input_ids``): those nodes then read the declared input. Parts share weight tensors in memory (no copy;
     each written file gets its own copy), and keep the source's opsets, metadata and the functions
     they call. The source part is replaced by the new parts (unless ``keep_source``).
     """
