@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from surgery.errors import SurgeryError
 from surgery.manager import PassManager, Step
 from surgery.pass_infra import SurgeryPass
 from surgery.registry import all_passes, get_pass, import_pass
-from surgery.writer import Layout, get_layout
+from surgery.writer import Layout, get_layout, layout_class
 
 __all__ = ["Recipe", "find_recipe", "load_recipe", "parse_recipe"]
 
@@ -131,24 +133,57 @@ def _suggest(key: str, allowed: tuple[str, ...] | list[str]) -> str:
     return f"{hint}allowed: {', '.join(allowed)}"
 
 
-def _describe_option_error(error: Any, fields: list[str]) -> tuple[str, str]:
+def _fields_at(model: type[pydantic.BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """The option names allowed at ``loc`` inside ``model`` (nested models, dicts and lists)."""
+    annotation: Any = model
+    for key in loc:
+        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            field = annotation.model_fields.get(str(key))
+            if field is None:
+                return []
+            annotation = field.annotation
+        else:
+            args = typing.get_args(annotation)
+            annotation = args[-1] if args else None
+        if annotation is not None and typing.get_origin(annotation) in (
+            typing.Union,
+            types.UnionType,
+        ):
+            annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), None)
+    while not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
+        args = typing.get_args(annotation)
+        if not args:
+            return []
+        annotation = args[-1]
+    return list(annotation.model_fields)
+
+
+def _first_error(exc: pydantic.ValidationError) -> Any:
+    """The error to report: an unknown key first (a typo also makes its intended key "missing")."""
+    errors = exc.errors()
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
+def _describe_option_error(error: Any, options: type[pydantic.BaseModel]) -> tuple[str, str]:
     """``(key path, message)`` for one pydantic validation error."""
-    loc = error["loc"]
+    loc = tuple(error["loc"])
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     kind = error["type"]
     got = error.get("input")
     if kind == "extra_forbidden":
-        return (
-            key,
-            f"unknown option; {_suggest(str(loc[0]), fields) if fields else 'this pass takes no options'}",
-        )
+        fields = _fields_at(options, loc[:-1])
+        hint = _suggest(str(loc[-1]), fields) if fields else "this pass takes no options"
+        return key, f"unknown option; {hint}"
     if kind == "missing":
         return key, "required option is missing"
     if kind == "literal_error":
         return key, f"expected one of {error['ctx']['expected']}, got {got!r}"
     if kind in _EXPECTED:
         return key, f"expected {_EXPECTED[kind]}, got {got!r}"
-    return key, f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got!r}"
+    message = f"{error['msg'][0].lower()}{error['msg'][1:]}"
+    if kind == "value_error":  # raised by a validator: its message says what is wrong
+        return key, message.removeprefix("value error, ")
+    return key, f"{message}, got {got!r}"
 
 
 def _parse_entry(index: int, raw: Any, errors: _Errors) -> tuple[SurgeryPass, str]:
@@ -188,8 +223,8 @@ def _parse_entry(index: int, raw: Any, errors: _Errors) -> tuple[SurgeryPass, st
     try:
         pass_ = cls(cls.Options(**options), parts=parts)
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        key, message = _describe_option_error(first, list(cls.Options.model_fields))
+        first = _first_error(exc)
+        key, message = _describe_option_error(first, cls.Options)
         loc = tuple(first["loc"])
         raise errors((*path, "options", *loc), f"{prefix}: {key}: {message}") from None
     return pass_, f"{errors.where(path)}: {prefix}"
@@ -198,13 +233,16 @@ def _parse_entry(index: int, raw: Any, errors: _Errors) -> tuple[SurgeryPass, st
 def _parse_layout(raw: Any, errors: _Errors) -> Layout:
     if not isinstance(raw, str | dict):
         raise errors(("layout",), f"layout: expected a layout name or a mapping, got {raw!r}")
+    options = dict(raw) if isinstance(raw, dict) else {"name": raw}
     try:
-        return get_layout(raw)
+        cls = layout_class(options.pop("name", None))
     except SurgeryError as exc:
         raise errors(("layout",), f"layout: {exc}") from None
+    try:
+        return cls(cls.Options(**options))
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        key, message = _describe_option_error(first, [])
+        first = _first_error(exc)
+        key, message = _describe_option_error(first, cls.Options)
         raise errors(("layout", *first["loc"]), f"layout: {key}: {message}") from None
 
 

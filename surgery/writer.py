@@ -39,6 +39,7 @@ __all__ = [
     "PlainLayout",
     "external_bytes",
     "get_layout",
+    "layout_class",
     "register_layout",
     "save",
     "save_model",
@@ -165,6 +166,8 @@ def _computed_ahead(
                     waiting_bytes += placement.tensor.nbytes
                 else:
                     waiting.append((placement, None))
+            if not waiting:
+                return
             placement, future = waiting.popleft()
             if future is None:
                 yield placement, None
@@ -303,6 +306,15 @@ def register_layout(cls: type[Layout]) -> type[Layout]:
 register_layout(PlainLayout)
 
 
+def layout_class(name: object) -> type[Layout]:
+    """The layout registered as ``name``."""
+    import surgery.transformersjs  # noqa: F401  (registers the transformers.js layout)
+
+    if not isinstance(name, str) or name not in _LAYOUTS:
+        raise SurgeryError(f"unknown layout {name!r}; choose one of: {', '.join(sorted(_LAYOUTS))}")
+    return _LAYOUTS[name]
+
+
 def get_layout(spec: str | dict[str, Any] | Layout) -> Layout:
     """A layout from its name, a recipe mapping ``{name: ..., <options>}``, or as is.
 
@@ -311,13 +323,8 @@ def get_layout(spec: str | dict[str, Any] | Layout) -> Layout:
     """
     if isinstance(spec, Layout):
         return spec
-    import surgery.transformersjs  # noqa: F401  (registers the transformers.js layout)
-
     options = dict(spec) if isinstance(spec, dict) else {"name": spec}
-    name = options.pop("name", None)
-    if name not in _LAYOUTS:
-        raise SurgeryError(f"unknown layout {name!r}; choose one of: {', '.join(sorted(_LAYOUTS))}")
-    cls = _LAYOUTS[name]
+    cls = layout_class(options.pop("name", None))
     return cls(cls.Options(**options))
 
 

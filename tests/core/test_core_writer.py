@@ -64,3 +64,11 @@ def test_a_tensor_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
         "out.onnx: tensor 'layer0.weight' (4.0 KiB) is larger than the chunk limit (1000 B); "
         "split it in the graph first (pass split-large-tensors) or raise the limit"
     )
+
+
+def test_a_model_without_large_tensors_writes_no_data_file(tmp_path: Path) -> None:
+    source = write_synthetic_model(tmp_path / "m.onnx", width=8)  # 256-byte weights: all inline
+    out = tmp_path / "out" / "m.onnx"
+    assert write_model(load(source)["m"], out, lambda _: "m.onnx.data") == []
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]
+    np.testing.assert_array_equal(run_onnx(out, width=8), run_onnx(source, width=8))

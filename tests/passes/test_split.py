@@ -241,10 +241,6 @@ def test_split_recipe_options_are_checked_before_work(body: str, message: str) -
     assert str(info.value) == message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="surgery/recipe.py suggests keys for a nested unknown option from the top-level fields",
-)
 def test_split_recipe_unknown_key_in_a_part() -> None:
     with pytest.raises(SurgeryError) as info:
         parse_recipe(RECIPE_HEAD + "      p: {inputs: [x], output: [out]}\n", "r.yaml")
