@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import os
 import types
 import typing
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,6 @@ __all__ = ["Recipe", "find_recipe", "load_recipe", "parse_recipe"]
 
 _TOP_KEYS = ("name", "description", "layout", "passes")
 _ENTRY_KEYS = ("pass", "use", "parts", "options")
-_RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 _EXPECTED = {
     "bool_type": "a boolean",
@@ -278,18 +279,23 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
+def _shipped_recipes() -> dict[str, Traversable]:
+    """The recipes installed with onnx-surgery (the ``recipes`` package), by name."""
+    folder = importlib.resources.files("recipes")
+    return {p.name.removesuffix(".yaml"): p for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
 def find_recipe(name_or_path: str | os.PathLike[str]) -> Path:
     """A recipe file by path, or by name among the recipes shipped with onnx-surgery."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = _RECIPE_DIR / f"{name_or_path}.yaml"
-    if path.suffix == "" and shipped.is_file():
-        return shipped
-    known = sorted(p.stem for p in _RECIPE_DIR.glob("*.yaml"))
+    shipped = _shipped_recipes()
+    if path.suffix == "" and str(name_or_path) in shipped:
+        return Path(str(shipped[str(name_or_path)]))
     raise SurgeryError(
         f"{name_or_path}: no such recipe file"
-        + (f"; shipped recipes: {', '.join(known)}" if known else "")
+        + (f"; shipped recipes: {', '.join(sorted(shipped))}" if shipped else "")
     )
 
 
