@@ -23,7 +23,7 @@ __all__ = [
 
 
 @register
-class RemoveUnused(ModelPass):
+class RemoveUnused(ModelPass[PassOptions]):
     """Remove nodes, functions and opset imports that no graph output depends on.
 
     Runs onnx_ir's RemoveUnusedNodesPass, RemoveUnusedFunctionsPass and RemoveUnusedOpsetsPass.
@@ -43,7 +43,7 @@ class RemoveUnused(ModelPass):
 
 
 @register
-class TopologicalSort(ModelPass):
+class TopologicalSort(ModelPass[PassOptions]):
     """Sort nodes so every node comes after the nodes it reads from (onnx_ir TopologicalSortPass)."""
 
     name = "topological-sort"
@@ -62,7 +62,7 @@ class _DedupOptions(PassOptions):
 
 
 @register
-class DeduplicateInitializers(ModelPass):
+class DeduplicateInitializers(ModelPass[_DedupOptions]):
     """Merge initializers with identical dtype, shape and bytes into one.
 
     onnx_ir's DeduplicateInitializersPass. Comparing reads the bytes of the initializers it
@@ -74,7 +74,6 @@ class DeduplicateInitializers(ModelPass):
     Options = _DedupOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        assert isinstance(self.options, _DedupOptions)
         return ir.passes.common.DeduplicateInitializersPass(self.options.size_limit)(model)
 
 
@@ -87,7 +86,7 @@ class _CseOptions(PassOptions):
 
 
 @register
-class CommonSubexpressionElimination(ModelPass):
+class CommonSubexpressionElimination(ModelPass[_CseOptions]):
     """Replace nodes that compute the same thing from the same inputs by one node (onnx_ir CSE)."""
 
     name = "cse"
@@ -95,7 +94,6 @@ class CommonSubexpressionElimination(ModelPass):
     Options = _CseOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        assert isinstance(self.options, _CseOptions)
         return ir.passes.common.CommonSubexpressionEliminationPass(self.options.size_limit)(model)
 
 
@@ -105,7 +103,7 @@ class _ShapeInferenceOptions(PassOptions):
 
 
 @register
-class ShapeInference(ModelPass):
+class ShapeInference(ModelPass[_ShapeInferenceOptions]):
     """Annotate values with ONNX shape inference, run on a weight-free copy of the graph.
 
     onnx_ir's ShapeInferencePass: large initializers are set aside around the ONNX C API, so a
@@ -117,7 +115,6 @@ class ShapeInference(ModelPass):
     Options = _ShapeInferenceOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        assert isinstance(self.options, _ShapeInferenceOptions)
         return ir.passes.common.ShapeInferencePass(
             strict_mode=self.options.strict, data_prop=self.options.data_prop
         )(model)

@@ -34,7 +34,7 @@ class _Options(PassOptions):
 
 
 @register
-class CopyParts(BundlePass):
+class CopyParts(BundlePass[_Options]):
     """Copy the selected parts (default: all) to ``<part><suffix>``, sharing their weights.
 
     Run the variant's passes on the copies by naming them in ``parts:``, e.g.
@@ -51,11 +51,9 @@ class CopyParts(BundlePass):
     def output_parts(self, parts: list[str] | None) -> list[str] | None:
         if parts is None:
             return None
-        assert isinstance(self.options, _Options)
         return parts + [p + self.options.suffix for p in self._selected(parts)]
 
     def call_bundle(self, bundle: Bundle) -> BundlePassResult:
-        assert isinstance(self.options, _Options)
         for part in self._selected(bundle.parts):
             copy = part + self.options.suffix
             if copy in bundle:

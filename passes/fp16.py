@@ -480,7 +480,7 @@ def _bf16_storage(graph: ir.Graph) -> bool:
 
 
 @register
-class Fp16(ModelPass):
+class Fp16(ModelPass[Fp16Options]):
     """Convert float32 weights and compute to float16, keeping Gemma finite.
 
     Float initializers become fp16 lazily, one tensor at a time when written, clamped to ±65504.
@@ -496,7 +496,6 @@ class Fp16(ModelPass):
     Options = Fp16Options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        assert isinstance(self.options, Fp16Options)
         graph = model.graph
         if self.options.dtype == "bfloat16":
             return ir.passes.PassResult(model, modified=_bf16_storage(graph))

@@ -33,7 +33,7 @@ class _OptimizeOptions(PassOptions):
 
 
 @register
-class Optimize(ModelPass):
+class Optimize(ModelPass[_OptimizeOptions]):
     """Constant folding, onnxscript's default rewrite rules and graph cleanups, until stable."""
 
     name = "optimize"
@@ -45,7 +45,6 @@ class Optimize(ModelPass):
         from onnxscript import rewriter
         from onnxscript.optimizer import constant_folding
 
-        assert isinstance(self.options, _OptimizeOptions)
         common = ir.passes.common
         options = self.options
         passes: list[ir.passes.PassBase] = [common.InlinePass()] if options.inline else []

@@ -114,7 +114,7 @@ def _bad_template(detail: str) -> pydantic_core.PydanticCustomError:
 
 
 @register
-class RenameIO(ModelPass):
+class RenameIO(ModelPass[_RenameOptions]):
     """Rename graph inputs and outputs by template, and symbolic dims by name.
 
     ``values`` maps source templates to targets: ``{field}`` matches one dot-separated name
@@ -130,28 +130,23 @@ class RenameIO(ModelPass):
     summary = "rename graph inputs/outputs by template and symbolic dims by name"
     Options = _RenameOptions
 
-    @property
-    def _options(self) -> _RenameOptions:
-        assert isinstance(self.options, _RenameOptions)
-        return self.options
-
     def _unmatched(self, what: str, names: list[str], model: ir.Model) -> None:
         if not names:
             return
         listed = ", ".join(f"'{n}'" for n in names)
         message = f"rename-io: {what} {listed} matched nothing in graph '{model.graph.name}'"
-        if self._options.strict:
+        if self.options.strict:
             raise SurgeryError(f"{message}; fix the name or select parts with 'parts:'")
         logger.warning("%s", message)
 
     def _plan(self, model: ir.Model) -> dict[ir.Value, str]:
         """New names by value, checked for collisions; nothing is changed yet."""
         graph = model.graph
-        if self._options.scope == "io":
+        if self.options.scope == "io":
             candidates = list(dict.fromkeys([*graph.inputs, *graph.outputs]))
         else:
             candidates = list(ir.convenience.create_value_mapping(graph).values())
-        rules = [(_pattern(s), t, s) for s, t in self._options.values.items()]
+        rules = [(_pattern(s), t, s) for s, t in self.options.values.items()]
         matched: set[str] = set()
         plan: dict[ir.Value, str] = {}
         for value in candidates:
@@ -182,7 +177,7 @@ class RenameIO(ModelPass):
         return plan
 
     def _rename_dims(self, model: ir.Model) -> bool:
-        dims = self._options.dims
+        dims = self.options.dims
         seen: set[str] = set()
         for graph in model.graphs():
             values = [*graph.inputs, *graph.initializers.values()]

@@ -287,7 +287,7 @@ def _make_part(model: ir.Model, graph: ir.Graph, name: str) -> ir.Model:
 
 
 @register
-class Split(BundlePass):
+class Split(BundlePass[_SplitOptions]):
     """Split one part into several, each the closed subgraph between its inputs and outputs.
 
     Declare each part by the values where it starts (``inputs``) and ends (``outputs``); names may
@@ -305,17 +305,12 @@ class Split(BundlePass):
     summary = "split a part into parts bounded by named input and output values"
     Options = _SplitOptions
 
-    @property
-    def _options(self) -> _SplitOptions:
-        assert isinstance(self.options, _SplitOptions)
-        return self.options
-
     def output_parts(self, parts: list[str] | None) -> list[str] | None:
         """The new parts in place of the source (None when the source's neighbours are unknown)."""
-        new = list(self._options.parts)
-        source = self._options.source
+        new = list(self.options.parts)
+        source = self.options.source
         if parts is None:
-            return new if source is None and not self._options.keep_source else None
+            return new if source is None and not self.options.keep_source else None
         if source is None:
             if len(parts) != 1:
                 return parts
@@ -323,11 +318,11 @@ class Split(BundlePass):
         if source not in parts:
             return parts
         at = parts.index(source)
-        kept = [source] if self._options.keep_source else []
+        kept = [source] if self.options.keep_source else []
         return [*parts[:at], *kept, *new, *parts[at + 1 :]]
 
     def _source(self, bundle: Bundle) -> str:
-        source = self._options.source
+        source = self.options.source
         if source is None:
             if len(bundle) != 1:
                 raise SurgeryError(
@@ -345,19 +340,19 @@ class Split(BundlePass):
         """Replace the source part by the declared parts."""
         source = self._source(bundle)
         model = bundle[source]
-        for name in self._options.parts:
+        for name in self.options.parts:
             if name in bundle and name != source:
                 raise SurgeryError(
                     f"part '{name}' already exists in the bundle; choose another name"
                 )
-        if self._options.keep_source and source in self._options.parts:
+        if self.options.keep_source and source in self.options.parts:
             raise SurgeryError(
                 f"part '{source}' is the source and keep_source is set; give the new part "
                 "another name"
             )
         boundary = _Boundary(model, source)
         new: dict[str, ir.Model] = {}
-        for name, spec in self._options.parts.items():
+        for name, spec in self.options.parts.items():
             inputs = boundary.resolve(name, "inputs", spec.inputs)
             outputs = boundary.resolve(name, "outputs", spec.outputs)
             walk = _Walk(model.graph, inputs, outputs)
@@ -368,7 +363,7 @@ class Split(BundlePass):
             shape_sources = {v: u for v, u in sources.items() if u is not None}
             reached = walk.reached | set(shape_sources.values())
             unused = [v.name or "" for v in inputs if v not in reached]
-            if unused and not self._options.allow_unused_inputs:
+            if unused and not self.options.allow_unused_inputs:
                 one = len(unused) == 1
                 raise SurgeryError(
                     f"part '{name}': {_quoted(unused)} {'is' if one else 'are'} not needed by "

@@ -253,7 +253,7 @@ def _attr_type(value: typing.Any) -> ir.AttributeType:
 
 
 @register
-class SplitLargeTensors(ModelPass):
+class SplitLargeTensors(ModelPass[_Options]):
     """Split every initializer larger than ``max_bytes`` into row (or column) blocks.
 
     Readers are rewritten to use the blocks without rebuilding the whole tensor at run time:
@@ -267,7 +267,6 @@ class SplitLargeTensors(ModelPass):
     Options = _Options
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        assert isinstance(self.options, _Options)
         graph = model.graph
         large = [
             v

@@ -13,8 +13,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
+import typing
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import onnx_ir as ir
 import pydantic
@@ -44,16 +45,21 @@ class BundlePassResult:
     modified: bool
 
 
-class SurgeryPass:
+OptionsT = TypeVar("OptionsT", bound=PassOptions)
+
+
+class SurgeryPass(Generic[OptionsT]):
     """Naming, options and part selection shared by model and bundle passes.
 
-    Subclasses set ``name`` (kebab-case), ``summary`` (one line) and ``Options``; the class
-    docstring is what ``surgery passes NAME`` prints.
+    Subclasses set ``name`` (kebab-case), ``summary`` (one line) and ``Options``, and name the
+    options type as the class parameter (``class Fp16(ModelPass[Fp16Options])``) so that
+    ``self.options`` is typed; the class docstring is what ``surgery passes NAME`` prints.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type[PassOptions]] = PassOptions
+    options: OptionsT
 
     def __init__(
         self,
@@ -75,7 +81,7 @@ class SurgeryPass:
             raise TypeError(f"{self.name}: give options either as an object or as keywords")
         elif not isinstance(options, self.Options):
             raise TypeError(f"{self.name}: options must be {self.Options.__name__}")
-        self.options = options
+        self.options = typing.cast(OptionsT, options)
         self.parts: list[str] | None = list(parts) if parts is not None else None
         super().__init__()
 
@@ -113,7 +119,7 @@ class SurgeryPass:
         return "\n".join(lines)
 
 
-class ModelPass(SurgeryPass, ir.passes.InPlacePass):
+class ModelPass(SurgeryPass[OptionsT], ir.passes.InPlacePass):
     """A pass that transforms one part at a time, in place (an ``onnx_ir`` in-place pass)."""
 
     @abc.abstractmethod
@@ -121,7 +127,7 @@ class ModelPass(SurgeryPass, ir.passes.InPlacePass):
         """Transform ``model`` in place and say exactly whether it changed."""
 
 
-class BundlePass(SurgeryPass, abc.ABC):
+class BundlePass(SurgeryPass[OptionsT], abc.ABC):
     """A pass that transforms the bundle as a whole (it may add, remove or rename parts)."""
 
     @abc.abstractmethod
