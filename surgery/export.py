@@ -259,6 +259,10 @@ def _trace(model: Any) -> Any:
     from surgery.export_wrapper import PaliGemmaExportWrapper
 
     num_layers = model.config.text_config.num_hidden_layers
+    # The exporter logs a warning per torchvision op it cannot register; PaliGemma uses none.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -271,6 +275,7 @@ def _trace(model: Any) -> Any:
             optimize=False,  # run after the weights are attached: it folds small constants
             verbose=False,
         )
+    registration.setLevel(level)
     assert program is not None
     return program.model
 
