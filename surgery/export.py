@@ -263,19 +263,21 @@ def _trace(model: Any) -> Any:
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            PaliGemmaExportWrapper(model),
-            _example_inputs(model),
-            dynamo=True,
-            input_names=input_names(num_layers),
-            output_names=output_names(num_layers),
-            dynamic_shapes=_dynamic_shapes(num_layers),
-            optimize=False,  # run after the weights are attached: it folds small constants
-            verbose=False,
-        )
-    registration.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                PaliGemmaExportWrapper(model),
+                _example_inputs(model),
+                dynamo=True,
+                input_names=input_names(num_layers),
+                output_names=output_names(num_layers),
+                dynamic_shapes=_dynamic_shapes(num_layers),
+                optimize=False,  # run after the weights are attached: it folds small constants
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
     assert program is not None
     return program.model
 
