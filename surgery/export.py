@@ -313,6 +313,14 @@ def _save(model: Any, path: Path, progress: bool) -> None:
         save_model(model, path, progress=lambda tensor: bar.update(tensor.nbytes))
 
 
+def _small_inputs_only(node: Any) -> bool | None:
+    """``should_fold`` for onnxscript's optimizer: never fold a node that reads a large constant."""
+    for value in node.inputs:
+        if value is not None and value.const_value is not None and value.const_value.size > 8192:
+            return False
+    return None  # the optimizer's own rules
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -337,6 +345,7 @@ def export_checkpoint(
     """
     from onnxscript import optimizer
 
+    from passes.fold_transposes import FoldTransposes
     from surgery.export_weights import attach_weights, read_safetensors
 
     stage = _Stages(progress)
@@ -366,7 +375,11 @@ def export_checkpoint(
         {f"model.{name}": buffer.numpy() for name, buffer in buffers.items()},
     )
     stage("attached checkpoint weights (memory-mapped); optimizing the graph")
-    optimizer.optimize_ir(onnx_model)
+    # Linear layers trace as MatMul(x, Transpose(W)): fold those lazily (a transposed copy per
+    # weight, computed when written), and keep the optimizer's constant folding off every large
+    # weight, which it would otherwise materialize in memory (~10 GB for a 3B model).
+    FoldTransposes()(onnx_model)
+    optimizer.optimize_ir(onnx_model, should_fold=_small_inputs_only)
     _tidy_interface(onnx_model, num_layers, checkpoint)
     stage(f"optimized: {sum(1 for _ in onnx_model.graph)} nodes; writing {output}")
     with atomic_files(output, force=force) as tmp:
