@@ -141,6 +141,10 @@ class _Runner:
             f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")
         ]
 
+    def token_feeds(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoder's feeds that carry the new tokens (ids or their embeddings)."""
+        raise NotImplementedError
+
     def step(
         self,
         inputs: dict[str, np.ndarray],
@@ -149,7 +153,16 @@ class _Runner:
         positions: np.ndarray,
         past: list[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        raise NotImplementedError
+        """One decoder run: the logits and the presents."""
+        names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+        feeds = {
+            **self.token_feeds(inputs, ids),
+            "attention_mask": mask,
+            "position_ids": positions,
+            **dict(zip(names, past, strict=True)),
+        }
+        outputs = self.decoder.run(["logits", *self.present_names], feeds)
+        return outputs[0], outputs[1:]
 
     def greedy(
         self, inputs: dict[str, np.ndarray], steps: int, eos: set[int], pad: int
@@ -176,10 +189,6 @@ class _Runner:
             positions = positions[:, -1:] + 1
         return GreedyResult(np.stack(tokens, axis=1), all_logits)
 
-    def _past_feeds(self, past: list[np.ndarray]) -> dict[str, np.ndarray]:
-        names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
-        return dict(zip(names, past, strict=True))
-
 
 class PartsRunner(_Runner):
     """The Transformers.js folder: three sessions, merged in float32 between them."""
@@ -196,25 +205,14 @@ class PartsRunner(_Runner):
         self.embed = _session(onnx / f"embed_tokens{suffix}.onnx")
         super().__init__(config, _session(onnx / f"decoder_model_merged{suffix}.onnx"))
 
-    def step(
-        self,
-        inputs: dict[str, np.ndarray],
-        ids: np.ndarray,
-        mask: np.ndarray,
-        positions: np.ndarray,
-        past: list[np.ndarray],
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def token_feeds(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
         embeds = self.embed.run(None, {"input_ids": ids})[0].astype(np.float32)
         if ids.shape[1] != 1:  # Transformers.js encodes the image only for a multi-token input
             features = self.vision.run(None, {"pixel_values": inputs["pixel_values"]})[0]
             is_image = ids == self.image_token
             rows = features.reshape(-1, features.shape[-1]).astype(np.float32)
             embeds[is_image] = rows[: int(is_image.sum())]
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        outputs = self.decoder.run(
-            ["logits", *self.present_names], {**feeds, **self._past_feeds(past)}
-        )
-        return outputs[0], outputs[1:]
+        return {"inputs_embeds": embeds}
 
 
 class MonolithicRunner(_Runner):
@@ -226,24 +224,8 @@ class MonolithicRunner(_Runner):
         config = AutoConfig.from_pretrained(checkpoint).to_dict()
         super().__init__(config, _session(model))
 
-    def step(
-        self,
-        inputs: dict[str, np.ndarray],
-        ids: np.ndarray,
-        mask: np.ndarray,
-        positions: np.ndarray,
-        past: list[np.ndarray],
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {
-            "input_ids": ids,
-            "pixel_values": inputs["pixel_values"],
-            "attention_mask": mask,
-            "position_ids": positions,
-        }
-        outputs = self.decoder.run(
-            ["logits", *self.present_names], {**feeds, **self._past_feeds(past)}
-        )
-        return outputs[0], outputs[1:]
+    def token_feeds(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+        return {"input_ids": ids, "pixel_values": inputs["pixel_values"]}
 
 
 def _top5(logits: np.ndarray) -> str:
