@@ -16,6 +16,8 @@ import numpy as np
 import onnx_ir as ir
 import tqdm
 
+from surgery.writer import external_bytes, save_model
+
 __all__ = ["write_synthetic_model"]
 
 
@@ -91,15 +93,9 @@ def write_synthetic_model(
         [x], [y], nodes=nodes, initializers=initializers, opset_imports={"": 21}, name="synthetic"
     )
     model = ir.Model(graph, ir_version=10, producer_name="onnx-surgery synthetic")
-    total = sum(v.const_value.nbytes for v in initializers if v.const_value is not None)
+    total = external_bytes(model)
     with tqdm.tqdm(
         total=total, unit="B", unit_scale=True, desc="synthetic", disable=not progress
     ) as bar:
-        ir.save(
-            model,
-            path,
-            external_data=path.name + ".data",
-            size_threshold_bytes=1024,
-            callback=lambda tensor, _info: bar.update(tensor.nbytes),
-        )
+        save_model(model, path, progress=lambda tensor: bar.update(tensor.nbytes))
     return path

@@ -60,7 +60,8 @@ SMALL_ALIGNMENT = 64
 AHEAD_BYTES = 256 * 1024 * 1024
 AHEAD_WORKERS = 2
 
-ProgressCallback = Callable[[ir.TensorProtocol], None]
+#: Called after each tensor is written; its return value is ignored (``tqdm.update`` returns one).
+ProgressCallback = Callable[[ir.TensorProtocol], object]
 
 
 def _external_values(model: ir.Model) -> Iterator[ir.Value]:
