@@ -2,8 +2,8 @@
 
 Generates a random checkpoint (``surgery.checkpoint.make_random_checkpoint``, preset
 ``paligemma2-1b-bench`` by default: SigLIP So400m + 4 Gemma 2 2B layers, about 1.3B parameters in
-float32), then runs the export in a child process while this process samples the child's
-``RssAnon`` from ``/proc/<pid>/status`` every 20 ms. ``RssAnon`` and not RSS: memory-mapped
+float32), then runs the export in a child process (``_harness.timed``: cold cache in, data on disk out)
+while this process samples the child's ``RssAnon`` from ``/proc/<pid>/status``. ``RssAnon`` and not RSS: memory-mapped
 checkpoint pages are file-backed and can be dropped by the kernel at any time; anonymous memory is
 what a copy of the weights would cost. Prints a Markdown table: weight bytes, wall time, peak
 anonymous memory and its ratio to the weight bytes (target < 1.0, moonshot <= 0.25).
@@ -16,15 +16,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _harness import timed
+
+from surgery.export_weights import read_safetensors
 
 __all__ = ["main"]
 
@@ -37,52 +38,10 @@ export_checkpoint(sys.argv[1], sys.argv[2], progress=False)
 """
 
 
-def _rss_anon(pid: int) -> int:
-    """``RssAnon`` of a process in bytes (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _weight_bytes(checkpoint: Path) -> int:
-    total = 0
-    for path in checkpoint.glob("*.safetensors"):
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(
-            end - begin
-            for k, v in header.items()
-            if k != "__metadata__"
-            for begin, end in [v["data_offsets"]]
-        )
-    return total
-
-
-def _parameters(checkpoint: Path) -> int:
-    count = 0
-    for path in checkpoint.glob("*.safetensors"):
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        count += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return count
-
-
-def _measure(argv: list[str]) -> tuple[float, int]:
-    """Run a child process; return its wall time and peak ``RssAnon``."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv)
-    peak = 0
-    while child.poll() is None:
-        peak = max(peak, _rss_anon(child.pid))
-        time.sleep(0.02)
-    if child.returncode != 0:
-        raise SystemExit(f"child failed with exit code {child.returncode}: {' '.join(argv)}")
-    return time.perf_counter() - start, peak
+def _sizes(checkpoint: Path) -> tuple[int, int]:
+    """The checkpoint's weight bytes and parameter count, from its safetensors headers."""
+    entries = read_safetensors(checkpoint).values()
+    return sum(e.length for e in entries), sum(math.prod(e.shape) for e in entries)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,12 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             args.preset,
             str(checkpoint),
         ]
-        gen_wall, gen_peak = _measure(gen_args)
-        weights = _weight_bytes(checkpoint)
-        params = _parameters(checkpoint)
+        gen_wall, gen_peak = timed(gen_args)
+        weights, params = _sizes(checkpoint)
         for stale in (output, output.with_name(output.name + ".data")):
             stale.unlink(missing_ok=True)
-        wall, peak = _measure([sys.executable, "-c", _CHILD, str(checkpoint), str(output)])
+        wall, peak = timed([sys.executable, "-c", _CHILD, str(checkpoint), str(output)])
         written = output.with_name(output.name + ".data").stat().st_size
 
         gib = 1024**3
