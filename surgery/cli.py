@@ -162,6 +162,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.output, force=args.force)
 
 
+def _preset_names() -> list[str]:
+    from surgery.checkpoint import PRESETS
+
+    return list(PRESETS)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors exit 1 like every other user error (argparse's default is 2)."""
 
@@ -245,7 +251,8 @@ def _parser() -> argparse.ArgumentParser:
         "make-random", _cmd_make_random, "write a random PaliGemma checkpoint (for tests and demos)"
     )
     p.add_argument(
-        "config", help="a preset name (see --help of the checkpoint module) or a config.json"
+        "config",
+        help=f"a preset ({', '.join(_preset_names())}) or a PaliGemma config.json",
     )
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
