@@ -174,9 +174,10 @@ def _computed_ahead(
                 yield placement, None
                 continue
             computed = future.result()
+            del future  # it holds the result too
             waiting_bytes -= placement.tensor.nbytes
             yield placement, computed
-            del computed
+            del computed  # freed before the next tensor is computed (the caller lets go too)
 
 
 def write_model(
@@ -213,6 +214,7 @@ def write_model(
                 data = files[placement.chunk]
                 data.seek(placement.offset)
                 _write_tensor(computed if computed is not None else placement.tensor, data)
+                del computed  # or it stays alive while the next one is computed
                 if progress is not None:
                     progress(placement.tensor)
         finally:

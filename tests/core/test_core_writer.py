@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from _util import run_onnx
 
-from surgery import SurgeryError, load
+from surgery import SurgeryError, load, writer
 from surgery.synthetic import write_synthetic_model
 from surgery.transformersjs import TransformersJsLayout
 from surgery.writer import LARGE_ALIGNMENT, write_model
@@ -26,7 +28,11 @@ def test_chunks_stay_under_the_limit_with_transformersjs_names(tmp_path: Path) -
         max_chunk_bytes=layout.max_chunk_bytes,
     )
     assert out == tmp_path / "out" / "onnx" / "decoder_fp16.onnx"
-    assert names == ["decoder_fp16.onnx_data", "decoder_fp16.onnx_data_1", "decoder_fp16.onnx_data_2"]
+    assert names == [
+        "decoder_fp16.onnx_data",
+        "decoder_fp16.onnx_data_1",
+        "decoder_fp16.onnx_data_2",
+    ]
     sizes = [(out.parent / n).stat().st_size for n in names]
     assert all(size <= 10_000 for size in sizes), sizes
     locations = {
@@ -59,7 +65,9 @@ def test_large_tensors_are_aligned_for_memory_mapping(tmp_path: Path) -> None:
 def test_a_tensor_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
     source = write_synthetic_model(tmp_path / "m.onnx")
     with pytest.raises(SurgeryError) as info:
-        write_model(load(source)["m"], tmp_path / "out.onnx", lambda c: f"d{c}", max_chunk_bytes=1000)
+        write_model(
+            load(source)["m"], tmp_path / "out.onnx", lambda c: f"d{c}", max_chunk_bytes=1000
+        )
     assert str(info.value) == (
         "out.onnx: tensor 'layer0.weight' (4.0 KiB) is larger than the chunk limit (1000 B); "
         "split it in the graph first (pass split-large-tensors) or raise the limit"
@@ -72,3 +80,39 @@ def test_a_model_without_large_tensors_writes_no_data_file(tmp_path: Path) -> No
     assert write_model(load(source)["m"], out, lambda _: "m.onnx.data") == []
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]
     np.testing.assert_array_equal(run_onnx(out, width=8), run_onnx(source, width=8))
+
+
+def test_a_tensor_over_the_ahead_window_is_computed_only_after_the_last_is_freed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peak memory is the window plus one large tensor: never two large ones at once.
+
+    Each lazy weight here is larger than the (shrunk) window, so at most one computed array
+    may be alive at any time; the writer's loop and the prefetching generator must both let go
+    of a tensor before the next one is computed (a held reference doubled the 3B apply's peak).
+    """
+    monkeypatch.setattr(writer, "AHEAD_BYTES", 1024)
+    source = write_synthetic_model(tmp_path / "m.onnx", layers=6)  # six 4 KiB weights
+    model = load(source)["m"]
+    alive = most_alive = 0
+
+    def freed() -> None:
+        nonlocal alive
+        alive -= 1
+
+    def lazy(tensor: ir.TensorProtocol) -> ir.LazyTensor:
+        def compute() -> ir.Tensor:
+            nonlocal alive, most_alive
+            array = tensor.numpy() + np.float32(1)  # a new array, like a real conversion
+            weakref.finalize(array, freed)
+            alive += 1
+            most_alive = max(most_alive, alive)
+            return ir.Tensor(array, name=tensor.name)
+
+        return ir.LazyTensor(compute, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+
+    for value in model.graph.initializers.values():
+        assert value.const_value is not None
+        value.const_value = lazy(value.const_value)
+    write_model(model, tmp_path / "out" / "m.onnx", lambda chunk: "m.onnx.data")
+    assert most_alive == 1
