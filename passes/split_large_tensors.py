@@ -20,6 +20,7 @@ and no library splits initializers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import typing
 
@@ -104,8 +105,12 @@ class _Splitter:
         return f"{self.name}.{kind}{i}.use{self._uses}"
 
     def _blocks(self, length: int, other: int) -> list[tuple[int, int]]:
-        per_block = max(1, self.max_bytes // (other * int(self.tensor.dtype.itemsize)))
-        return [(start, min(start + per_block, length)) for start in range(0, length, per_block)]
+        """As few blocks as fit under ``max_bytes``, of equal size (±1): the largest tensor is
+        what computing it at write time (a transpose, an fp16 conversion) holds in memory."""
+        most = max(1, self.max_bytes // (other * int(self.tensor.dtype.itemsize)))
+        count = -(-length // most)
+        edges = [i * length // count for i in range(count + 1)]
+        return list(itertools.pairwise(edges))
 
     def _initializer(self, tensor: ir.TensorProtocol) -> ir.Value:
         value = ir.Value(

@@ -64,7 +64,7 @@ def _run(path: Path) -> list[np.ndarray]:
 def test_toy_outputs_unchanged_and_every_tensor_under_the_limit(tmp_path: Path) -> None:
     source = _toy(tmp_path)
     bundle = load(source)
-    limit = 3 * COLS * 4  # three rows a block: blocks of 3, 3, 3, 1 rows
+    limit = 3 * COLS * 4  # at most three rows a block: four blocks of 2, 3, 2, 3 rows
     assert PassManager([SplitLargeTensors(max_bytes=limit)]).run(bundle) is True
     graph = bundle["toy"].graph
     sizes = {
@@ -74,6 +74,7 @@ def test_toy_outputs_unchanged_and_every_tensor_under_the_limit(tmp_path: Path) 
     assert "table" not in sizes and "projection" not in sizes
     blocks = [n for n in sizes if re.fullmatch(r"table\.rows\d+", n)]
     assert len(blocks) == 4, "one set of row blocks, shared by both readers"
+    assert sorted(sizes[n] // (COLS * 4) for n in blocks) == [2, 2, 3, 3], "balanced blocks"
     save(bundle, tmp_path / "out", progress=False)
     before, after = _run(source), _run(tmp_path / "out" / "toy.onnx")
     np.testing.assert_array_equal(after[0], before[0])  # Gather: the very same rows
