@@ -24,6 +24,7 @@ from onnx import TensorProto
 from onnx import helper as oh
 from onnx.reference import ReferenceEvaluator
 
+from passes import fp16 as fp16_module
 from passes.fp16 import FP16_MAX, Fp16
 from surgery import get_pass, load, load_model, save
 
@@ -239,6 +240,28 @@ def test_weights_stay_lazy_until_written(toy_path: Path) -> None:
     Fp16()(model)
     converted = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT16]
     assert converted and all(isinstance(v.const_value, ir.LazyTensor) for v in converted)
+
+
+def test_weight_bytes_equal_numpy_clip_and_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights are converted by ONNX Runtime's Cast (for speed): the same bits as numpy's
+    round-to-nearest-even of the clamped value, for the edge cases too, read from a memory map
+    as the writer reads them, across block boundaries."""
+    edge = np.array(
+        [0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, np.inf, -np.inf, np.nan,
+         6e-8, 3e-8, 2.9e-8, 1e-40, 1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11)],
+        dtype=np.float32,
+    )  # fmt: skip
+    values = np.random.default_rng(0).standard_normal(3 * 1000 + 7, dtype=np.float32) * 100
+    path = tmp_path / "w.bin"
+    np.concatenate([edge, values]).tofile(path)
+    source = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, 5)
+    expected = np.clip(np.asarray(source), -FP16_MAX, FP16_MAX).astype(np.float16)
+    monkeypatch.setattr(fp16_module, "_BLOCK_ELEMENTS", 1000)  # several blocks, a ragged last one
+    converted = fp16_module._convert_array(source, ir.DataType.FLOAT16)
+    assert converted.shape == source.shape
+    np.testing.assert_array_equal(converted.view(np.uint16), expected.view(np.uint16))
 
 
 def test_bfloat16_is_weight_storage(toy_path: Path, tmp_path: Path) -> None:
