@@ -58,8 +58,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
-import onnxruntime as ort
 import pydantic
+from onnx import TensorProto
+from onnx import helper as oh
 from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
 from passes.fp16_islands import ISLAND_KINDS, IslandKind, find_islands
@@ -67,6 +68,9 @@ from surgery.errors import SurgeryError
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 from surgery.writer import INLINE_LIMIT_BYTES
+
+if typing.TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["FP16_MAX", "OP_BLOCK_LIST", "Fp16", "Fp16Options"]
 
@@ -193,9 +197,9 @@ def _fp16_converter() -> ort.InferenceSession:
     ONNX Runtime's ``Cast`` converts with the CPU's half-precision instructions (measured here:
     5.4 GiB/s on one core); numpy converts element by element (0.9 GiB/s), which made the
     conversion, not the disk, the cost of writing an fp16 model. Both round to nearest even.
+    Imported here: ``surgery``'s start-up (every CLI command) need not load ONNX Runtime.
     """
-    from onnx import TensorProto
-    from onnx import helper as oh
+    import onnxruntime as ort
 
     graph = oh.make_graph(
         [
@@ -219,7 +223,7 @@ def _fp16_converter() -> ort.InferenceSession:
 
 
 def _convert_array(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
-    """float32 → float16 (clamped to ±65504) or bfloat16, block by block."""
+    """float32 → float16 (clamped to ±65504, block by block) or bfloat16."""
     flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
     if dtype != _FLOAT16:
         return flat.astype(ml_dtypes.bfloat16).reshape(np.shape(array))
