@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 
 from surgery.memory import PeakAnonSampler
+from surgery.synthetic import write_synthetic_model
 
-__all__ = ["cold_cache", "timed"]
+__all__ = ["cold_cache", "synthetic_model", "timed"]
+
+GIB = 2**30
 
 
 def cold_cache() -> None:
@@ -38,3 +41,14 @@ def timed(command: list[str]) -> tuple[float, int]:
     if code != 0:
         raise SystemExit(f"{' '.join(command[:4])} failed with exit code {code}")
     return wall, sampler.peak_bytes
+
+
+def synthetic_model(workdir: Path, size_gib: float) -> tuple[Path, Path]:
+    """Write a synthetic fp32 model of ``size_gib`` (64 MiB tensors) in a folder of its own under
+    ``workdir``; return the model's path and its weights file's path."""
+    folder = workdir / f"model-{size_gib:g}g"
+    folder.mkdir()
+    model = write_synthetic_model(
+        folder / "model.onnx", width=4096, total_bytes=int(size_gib * GIB), progress=True
+    )
+    return model, folder / "model.onnx.data"

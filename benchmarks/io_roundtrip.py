@@ -25,20 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import timed
-
-from surgery.synthetic import write_synthetic_model
-
-GIB = 2**30
+from _harness import synthetic_model, timed
 
 
 def _measure(size_gib: float, workdir: Path, repeat: int) -> list[tuple[str, float, float, float]]:
-    folder = workdir / f"model-{size_gib:g}g"
-    folder.mkdir()
-    model = write_synthetic_model(
-        folder / "model.onnx", width=4096, total_bytes=int(size_gib * GIB), progress=True
-    )
-    data = folder / "model.onnx.data"
+    model, data = synthetic_model(workdir, size_gib)
     out, copy = workdir / "out", workdir / "copy.data"
     cli = [
         sys.executable,
@@ -58,7 +49,7 @@ def _measure(size_gib: float, workdir: Path, repeat: int) -> list[tuple[str, flo
         assert (out / "model.onnx.data").stat().st_size >= data.stat().st_size - 4096
         shutil.rmtree(out)
         copy.unlink()
-    shutil.rmtree(folder)
+    shutil.rmtree(model.parent)
     cp_wall = statistics.median(w for w, _ in cp_runs)
     cp_peak = max(p for _, p in cp_runs)
     wall = statistics.median(w for w, _ in runs)

@@ -27,11 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import timed
+from _harness import synthetic_model, timed
 
-from surgery.synthetic import write_synthetic_model
-
-GIB = 2**30
 MIB = 2**20
 
 _SURGERY = """
@@ -57,12 +54,7 @@ onnx.save(model, out / "model.onnx", save_as_external_data=True, location="model
 
 def _measure(size_gib: float, workdir: Path, occ: bool) -> list[tuple[str, float, int, int]]:
     """Rows ``(step, wall s, peak anon bytes, data bytes written)`` for one model size."""
-    folder = workdir / f"model-{size_gib:g}g"
-    folder.mkdir()
-    model = write_synthetic_model(
-        folder / "model.onnx", width=4096, total_bytes=int(size_gib * GIB), progress=True
-    )
-    data = folder / "model.onnx.data"
+    model, data = synthetic_model(workdir, size_gib)
     size = f"{size_gib:g} GiB"
     rows = []
     copy = workdir / "copy.data"
@@ -77,7 +69,7 @@ def _measure(size_gib: float, workdir: Path, occ: bool) -> list[tuple[str, float
         wall, peak = timed([sys.executable, "-c", script, str(model), str(out)])
         rows.append((f"{name} ({size})", wall, peak, (out / "model.onnx.data").stat().st_size))
         shutil.rmtree(out)
-    shutil.rmtree(folder)
+    shutil.rmtree(model.parent)
     return rows
 
 
