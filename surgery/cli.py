@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import sys
 import tempfile
 import traceback
@@ -41,7 +42,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from surgery.transformersjs import TransformersJsLayout
     from surgery.writer import save
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, imports="allow" if args.allow_imports else "refuse")
     if args.print:
         print(recipe.to_yaml(), end="")
     out = check_destination(args.output, force=args.force)
@@ -89,10 +90,12 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from surgery.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, imports="skip")  # validating never runs a recipe's code
     if args.print:
         print(recipe.to_yaml(), end="")
-    print(f"{recipe.source}: ok, {len(recipe.steps)} passes")
+    skipped = recipe.not_imported()
+    note = f"; not imported, options unchecked: {', '.join(skipped)}" if skipped else ""
+    print(f"{recipe.source}: ok, {len(recipe.steps)} passes{note}")
     return 0
 
 
@@ -220,6 +223,12 @@ def _parser() -> argparse.ArgumentParser:
         "layout copies (default: the one recorded by `surgery export`)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--allow-imports",
+        action="store_true",
+        help="import the modules named by the recipe's `use:` entries, i.e. run their code "
+        "(refused otherwise)",
+    )
 
     p = command("passes", _cmd_passes, "list the available passes, or document one")
     p.add_argument("name", nargs="?", help="a pass name")
@@ -328,4 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m` puts the working directory first on sys.path; drop it as `python -P` does, so
+    # that a recipe's `use:` imports what is installed or on PYTHONPATH, never a file that
+    # happens to sit in the current folder (the `surgery` script never had it).
+    if sys.path and sys.path[0] == os.getcwd() and not getattr(sys.flags, "safe_path", False):
+        del sys.path[0]
     sys.exit(main())

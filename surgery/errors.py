@@ -6,7 +6,21 @@ The CLI prints a :class:`SurgeryError` as one line and exits 1; anything else is
 
 from __future__ import annotations
 
-__all__ = ["SurgeryError"]
+import reprlib
+
+__all__ = ["SurgeryError", "clip", "show"]
+
+#: Longest echo of user input in an error line.
+SHOW_LIMIT = 100
+
+# reprlib abbreviates while it walks (it never builds the full repr of a huge value); ``show``
+# then cuts what is left to a hard limit.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 6
+_REPR.maxdict = 4
+_REPR.maxlevel = 3
 
 
 class SurgeryError(Exception):
@@ -14,3 +28,13 @@ class SurgeryError(Exception):
 
     The message must say what is wrong, where (file, recipe line, pass, part) and what to do.
     """
+
+
+def clip(text: str, limit: int = SHOW_LIMIT) -> str:
+    """``text`` cut to at most ``limit`` characters (an ellipsis marks the cut)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def show(value: object, limit: int = SHOW_LIMIT) -> str:
+    """``repr(value)`` abbreviated to at most ``limit`` characters, to echo user input in a message."""
+    return clip(_REPR.repr(value), limit)

@@ -13,8 +13,15 @@ passes:
 ```
 
 Every error names the file, the line, the entry (``passes[2] (fp16)``), the key and what was
-expected, in the spirit of pre-commit's ``clientlib``. YAML is loaded with the safe loader; line
-numbers come from composing the same text into nodes.
+expected, in the spirit of pre-commit's ``clientlib``; user input is echoed abbreviated
+(:func:`surgery.errors.show`). YAML is read with PyYAML's safe loader, extended to bound the
+recipe while it is composed into nodes (size, nesting, values with aliases expanded, integer
+width), so that a hostile recipe is refused in milliseconds instead of exhausting memory; the
+nodes also give line numbers.
+
+A ``use:`` entry imports a module, that is, runs its code. Only ``imports="allow"`` (``surgery
+apply --allow-imports``) imports; the default refuses such a recipe, and ``imports="skip"``
+(``surgery validate``) checks the entry's syntax and leaves it unimported.
 """
 
 from __future__ import annotations
@@ -27,18 +34,31 @@ import types
 import typing
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
 
-from surgery.errors import SurgeryError
+from surgery.bundle import Bundle
+from surgery.errors import SurgeryError, clip, show
 from surgery.manager import PassManager, Step
-from surgery.pass_infra import SurgeryPass
-from surgery.registry import all_passes, get_pass, import_pass
+from surgery.pass_infra import BundlePass, BundlePassResult, SurgeryPass
+from surgery.registry import all_passes, check_import_path, get_pass, import_pass
 from surgery.writer import Layout, get_layout, layout_class
 
-__all__ = ["Recipe", "find_recipe", "load_recipe", "parse_recipe"]
+__all__ = ["Imports", "Recipe", "find_recipe", "load_recipe", "parse_recipe"]
+
+#: Bounds on a recipe. A recipe lists a few passes and their options (the flagship: 1.6 kB, 81
+#: values, 8 levels deep), so these are far above any real one and far below what takes
+#: noticeable time or memory.
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_VALUES = 10_000  # scalars, lists and mappings, counted with every alias expanded
+MAX_RECIPE_DEPTH = 32
+_MAX_INT_BITS = 64
+_MAX_INT_CHARS = 100  # longer integer text is refused before it is converted
+
+#: What to do with ``use:`` entries (import paths of a user's passes).
+Imports = Literal["refuse", "skip", "allow"]
 
 _TOP_KEYS = ("name", "description", "layout", "passes")
 _ENTRY_KEYS = ("pass", "use", "parts", "options")
@@ -69,6 +89,10 @@ class Recipe:
     description: str = ""
     layout: Layout = dataclasses.field(default_factory=lambda: get_layout("plain"))
 
+    def not_imported(self) -> list[str]:
+        """The import paths of ``use:`` entries read without importing them (abbreviated)."""
+        return [clip(s.pass_.path) for s in self.steps if isinstance(s.pass_, _NotImported)]
+
     def manager(self, instruments: Any = ()) -> PassManager:
         """A pass manager that runs this recipe."""
         return PassManager(self.steps, instruments)
@@ -85,7 +109,120 @@ class Recipe:
         return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
 
+class _NotImported(BundlePass):
+    """A ``use:`` entry read without importing it (``surgery validate``): it cannot run."""
+
+    name = "not-imported"
+    summary = "a use: entry whose module was not imported"
+
+    def __init__(self, path: str, parts: list[str] | None, options: dict[str, Any]) -> None:
+        super().__init__(parts=parts)
+        self.path = path
+        self.raw_options = options
+
+    def output_parts(self, parts: list[str] | None) -> list[str] | None:
+        return None  # it may add, remove or rename parts: unknown without its code
+
+    def describe(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"use": self.path}
+        if self.parts is not None:
+            entry["parts"] = list(self.parts)
+        if self.raw_options:
+            entry["options"] = self.raw_options
+        return entry
+
+    def call_bundle(self, bundle: Bundle) -> BundlePassResult:
+        raise SurgeryError(
+            f"{show(self.path)} was not imported; load the recipe with imports='allow'"
+        )
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A recipe over one of the bounds (raised while composing; its syntax is not at fault)."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing while it composes a recipe too deep or too large.
+
+    PyYAML composes an alias as a second reference to the anchored node, so a few hundred bytes
+    of aliases of aliases ("billion laughs") stand for billions of values once anything walks
+    them (validation, an error message's ``repr``). This loader counts each node as often as
+    aliases repeat it, and the nesting depth, and stops at the first node over a bound: before
+    any Python object is built, and without recursing deeper than the bound.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._values = 0
+        self._depth = 0
+        self._expanded: dict[int, int] = {}  # id(anchored node) -> the values it stands for
+
+    def _count(self, values: int, mark: Any) -> None:
+        self._values += values
+        if self._values > MAX_RECIPE_VALUES:
+            raise _Refused(
+                f"more than {MAX_RECIPE_VALUES} values once aliases are expanded; "
+                "a recipe lists passes and their options, not data",
+                mark,
+            )
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            anchored = self.anchors.get(event.anchor)
+            if anchored is not None:  # an undefined alias is PyYAML's error
+                if id(anchored) not in self._expanded:
+                    raise _Refused(
+                        f"alias *{clip(str(event.anchor))} refers to a value that "
+                        "contains it; a recipe cannot be recursive",
+                        event.start_mark,
+                    )
+                self._count(self._expanded[id(anchored)], event.start_mark)
+            return typing.cast(yaml.Node, super().compose_node(parent, index))
+        if self._depth == MAX_RECIPE_DEPTH:
+            raise _Refused(
+                f"nested deeper than {MAX_RECIPE_DEPTH} levels",
+                event.start_mark,
+            )
+        start = self._values
+        self._count(1, event.start_mark)
+        self._depth += 1
+        node = typing.cast(yaml.Node, super().compose_node(parent, index))
+        self._depth -= 1
+        if getattr(event, "anchor", None) is not None:
+            self._expanded[id(node)] = self._values - start
+        return node
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # The scanner keeps a possible key per open bracket and rescans them all at each token:
+        # refuse deep brackets here already, before that costs time.
+        if self.flow_level == MAX_RECIPE_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_RECIPE_DEPTH} levels", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def construct_bounded_int(self, node: yaml.ScalarNode) -> int:
+        """An integer of at most 64 bits (longer text is refused before it is converted)."""
+        value = None
+        if len(node.value) <= _MAX_INT_CHARS:
+            value = self.construct_yaml_int(node)
+        if value is None or abs(value).bit_length() > _MAX_INT_BITS:
+            raise _Refused(
+                f"integer out of range: a recipe takes integers of at most "
+                f"{_MAX_INT_BITS} bits, got {show(node.value)}",
+                node.start_mark,
+            )
+        return int(value)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_bounded_int)
+
+
 def _entry(pass_: SurgeryPass) -> dict[str, Any]:
+    if isinstance(pass_, _NotImported):
+        return pass_.describe()
     entry = pass_.describe()
     if all_passes().get(pass_.name) is not type(pass_):
         del entry["pass"]
@@ -168,9 +305,10 @@ def _first_error(exc: pydantic.ValidationError) -> Any:
 def _describe_option_error(error: Any, options: type[pydantic.BaseModel]) -> tuple[str, str]:
     """``(key path, message)`` for one pydantic validation error."""
     loc = tuple(error["loc"])
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{clip(str(p), 40)}" for p in loc)
+    key = key.lstrip(".")
     kind = error["type"]
-    got = error.get("input")
+    got = show(error.get("input"))
     if kind == "extra_forbidden":
         fields = _fields_at(options, loc[:-1])
         hint = _suggest(str(loc[-1]), fields) if fields else "this pass takes no options"
@@ -178,49 +316,69 @@ def _describe_option_error(error: Any, options: type[pydantic.BaseModel]) -> tup
     if kind == "missing":
         return key, "required option is missing"
     if kind == "literal_error":
-        return key, f"expected one of {error['ctx']['expected']}, got {got!r}"
+        return key, f"expected one of {error['ctx']['expected']}, got {got}"
     if kind in _EXPECTED:
-        return key, f"expected {_EXPECTED[kind]}, got {got!r}"
-    message = f"{error['msg'][0].lower()}{error['msg'][1:]}"
+        return key, f"expected {_EXPECTED[kind]}, got {got}"
+    # A validator's message may quote the input: bounded like every echo of it.
+    message = clip(f"{error['msg'][0].lower()}{error['msg'][1:]}", 200)
     if kind == "value_error":  # raised by a validator: its message says what is wrong
         return key, message.removeprefix("value error, ")
-    return key, f"{message}, got {got!r}"
+    return key, f"{message}, got {got}"
 
 
-def _parse_entry(index: int, raw: Any, errors: _Errors) -> tuple[SurgeryPass, str]:
+def _parse_entry(
+    index: int, raw: Any, errors: _Errors, imports: Imports
+) -> tuple[SurgeryPass, str]:
     path: tuple[str | int, ...] = ("passes", index)
     if isinstance(raw, str):
         raw = {"pass": raw}
     if not isinstance(raw, dict):
-        raise errors(path, f"passes[{index}]: expected a pass name or a mapping, got {raw!r}")
+        raise errors(path, f"passes[{index}]: expected a pass name or a mapping, got {show(raw)}")
     label = raw.get("pass") or raw.get("use") or "?"
-    prefix = f"passes[{index}] ({label})"
+    prefix = f"passes[{index}] ({clip(str(label), 60)})"
     for key in raw:
         if key not in _ENTRY_KEYS:
             raise errors(
-                (*path, key), f"{prefix}: unknown key '{key}'; {_suggest(str(key), _ENTRY_KEYS)}"
+                (*path, key),
+                f"{prefix}: unknown key {show(key)}; {_suggest(str(key), _ENTRY_KEYS)}",
             )
     if ("pass" in raw) == ("use" in raw):
         raise errors(
             path,
             f"{prefix}: give exactly one of 'pass' (a registered name) or 'use' (an import path)",
         )
-    try:
-        cls = get_pass(raw["pass"]) if "pass" in raw else import_pass(raw["use"])
-    except SurgeryError as exc:
-        raise errors((*path, "pass" if "pass" in raw else "use"), f"{prefix}: {exc}") from None
-    prefix = f"passes[{index}] ({cls.name})"
+    which = "pass" if "pass" in raw else "use"
+    if not isinstance(raw[which], str):
+        raise errors(
+            (*path, which), f"{prefix}: {which}: expected a string, got {show(raw[which])}"
+        )
     parts = raw.get("parts")
     if parts is not None and (
         not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts)
     ):
         raise errors(
             (*path, "parts"),
-            f"{prefix}: parts: expected a non-empty list of part names, got {parts!r}",
+            f"{prefix}: parts: expected a non-empty list of part names, got {show(parts)}",
         )
     options = raw.get("options") or {}
     if not isinstance(options, dict):
-        raise errors((*path, "options"), f"{prefix}: options: expected a mapping, got {options!r}")
+        raise errors(
+            (*path, "options"), f"{prefix}: options: expected a mapping, got {show(options)}"
+        )
+    try:
+        if which == "use":
+            check_import_path(raw["use"])
+            if imports == "skip":
+                return _NotImported(raw["use"], parts, options), f"{errors.where(path)}: {prefix}"
+            if imports == "refuse":
+                raise SurgeryError(
+                    "'use:' imports a module, which runs its code; if you trust this recipe, pass "
+                    "--allow-imports (in Python: imports='allow')"
+                )
+        cls = get_pass(raw["pass"]) if which == "pass" else import_pass(raw["use"])
+    except SurgeryError as exc:
+        raise errors((*path, which), f"{prefix}: {exc}") from None
+    prefix = f"passes[{index}] ({cls.name})"
     try:
         pass_ = cls(cls.Options(**options), parts=parts)
     except pydantic.ValidationError as exc:
@@ -233,7 +391,7 @@ def _parse_entry(index: int, raw: Any, errors: _Errors) -> tuple[SurgeryPass, st
 
 def _parse_layout(raw: Any, errors: _Errors) -> Layout:
     if not isinstance(raw, str | dict):
-        raise errors(("layout",), f"layout: expected a layout name or a mapping, got {raw!r}")
+        raise errors(("layout",), f"layout: expected a layout name or a mapping, got {show(raw)}")
     options = dict(raw) if isinstance(raw, dict) else {"name": raw}
     try:
         cls = layout_class(options.pop("name", None))
@@ -247,32 +405,59 @@ def _parse_layout(raw: Any, errors: _Errors) -> Layout:
         raise errors(("layout", *first["loc"]), f"layout: {key}: {message}") from None
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse and validate recipe text; raise :class:`SurgeryError` naming the bad line."""
+def _too_large(source: str) -> SurgeryError:
+    return SurgeryError(
+        f"{source}: recipe is over {MAX_RECIPE_BYTES} bytes; a recipe lists passes and their "
+        "options, not data"
+    )
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The recipe's root node (for line numbers) and its data, within the bounds."""
+    if len(text) > MAX_RECIPE_BYTES or len(text.encode(errors="surrogatepass")) > MAX_RECIPE_BYTES:
+        raise _too_large(source)
+    loader = _BoundedLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = loader.get_single_node()
+        return root, loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SurgeryError(f"{where}: not valid YAML: {problem}") from None
+        problem = clip(getattr(exc, "problem", None) or str(exc), 200)
+        kind = "recipe refused" if isinstance(exc, _Refused) else "not valid YAML"
+        raise SurgeryError(f"{where}: {kind}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def parse_recipe(text: str, source: str = "<recipe>", *, imports: Imports = "refuse") -> Recipe:
+    """Parse and validate recipe text; raise :class:`SurgeryError` naming the bad line.
+
+    Args:
+        text: The recipe (YAML).
+        source: Its name in messages, e.g. the file it came from.
+        imports: What to do with ``use:`` entries, which name a user's pass by import path:
+            ``"refuse"`` them (the default: importing runs the module's code), ``"allow"``
+            (import them: trust the recipe as you trust code), or ``"skip"`` (check their
+            syntax only; the recipe cannot run, as in ``surgery validate``).
+    """
+    root, data = _compose(text, source)
     errors = _Errors(source, root)
     if not isinstance(data, dict):
         raise errors((), "a recipe is a mapping with a 'passes' list")
     for key in data:
         if key not in _TOP_KEYS:
-            raise errors((key,), f"unknown key '{key}'; {_suggest(str(key), _TOP_KEYS)}")
+            raise errors((key,), f"unknown key {show(key)}; {_suggest(str(key), _TOP_KEYS)}")
     passes = data.get("passes")
     if not isinstance(passes, list):
         raise errors(("passes",), "passes: expected a list of passes")
     layout = _parse_layout(data.get("layout", "plain"), errors)
     for key in ("name", "description"):
         if not isinstance(data.get(key, ""), str):
-            raise errors((key,), f"{key}: expected a string, got {data[key]!r}")
+            raise errors((key,), f"{key}: expected a string, got {show(data[key])}")
     steps = []
     for index, raw in enumerate(passes):
-        pass_, origin = _parse_entry(index, raw, errors)
+        pass_, origin = _parse_entry(index, raw, errors, imports)
         steps.append(Step(index, pass_, origin))
     recipe = Recipe(source, steps, data.get("name", ""), data.get("description", ""), layout)
     recipe.manager().check_parts(None)
@@ -299,11 +484,18 @@ def find_recipe(name_or_path: str | os.PathLike[str]) -> Path:
     )
 
 
-def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
-    """Read, parse and validate a recipe file (or a shipped recipe by name)."""
+def load_recipe(name_or_path: str | os.PathLike[str], *, imports: Imports = "refuse") -> Recipe:
+    """Read, parse and validate a recipe file (or a shipped recipe by name).
+
+    ``imports`` is :func:`parse_recipe`'s: ``use:`` entries are imported only with ``"allow"``.
+    """
     path = find_recipe(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_RECIPE_BYTES + 1)  # never more, whatever the file is
+        if len(data) > MAX_RECIPE_BYTES:
+            raise _too_large(str(path))
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SurgeryError(f"{path}: cannot read recipe: {exc}") from None
-    return parse_recipe(text, str(path))
+    return parse_recipe(text, str(path), imports=imports)

@@ -13,10 +13,10 @@ from typing import TypeVar
 
 import onnx_ir as ir
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, clip, show
 from surgery.pass_infra import SurgeryPass
 
-__all__ = ["all_passes", "get_pass", "import_pass", "register"]
+__all__ = ["all_passes", "check_import_path", "get_pass", "import_pass", "register"]
 
 _REGISTRY: dict[str, type[SurgeryPass]] = {}
 _P = TypeVar("_P", bound=type[SurgeryPass])
@@ -51,7 +51,22 @@ def get_pass(name: str) -> type[SurgeryPass]:
         return passes[key]
     nearest = difflib.get_close_matches(key, passes, n=1)
     hint = f"did you mean '{nearest[0]}'? " if nearest else ""
-    raise SurgeryError(f"unknown pass '{name}'; {hint}valid passes: {', '.join(passes)}")
+    raise SurgeryError(f"unknown pass {show(name)}; {hint}valid passes: {', '.join(passes)}")
+
+
+def check_import_path(path: str) -> tuple[str, str]:
+    """``(module, attribute)`` of ``package.module:ClassName``, checked without importing.
+
+    Absolute module names only: a relative one (``.mod``) has no package to be relative to.
+    """
+    module_name, sep, attr = path.partition(":")
+    if (
+        not sep
+        or not all(p.isidentifier() for p in module_name.split("."))
+        or not attr.isidentifier()
+    ):
+        raise SurgeryError(f"{show(path)}: expected an import path like 'mypkg.module:MyPass'")
+    return module_name, attr
 
 
 def import_pass(path: str) -> type[SurgeryPass]:
@@ -59,16 +74,18 @@ def import_pass(path: str) -> type[SurgeryPass]:
 
     A plain ``onnx_ir.passes.PassBase`` subclass without options is accepted too and wrapped.
     """
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise SurgeryError(f"'{path}': expected an import path like 'mypkg.module:MyPass'")
+    module_name, attr = check_import_path(path)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SurgeryError(f"'{path}': cannot import module '{module_name}': {exc}") from None
+        raise SurgeryError(
+            f"{show(path)}: cannot import module {show(module_name)}: {clip(str(exc))}"
+        ) from None
     obj = getattr(module, attr, None)
     if obj is None:
-        raise SurgeryError(f"'{path}': module '{module_name}' has no attribute '{attr}'")
+        raise SurgeryError(
+            f"{show(path)}: module {show(module_name)} has no attribute {show(attr)}"
+        )
     if isinstance(obj, type) and issubclass(obj, SurgeryPass):
         return obj
     if isinstance(obj, type) and issubclass(obj, ir.passes.PassBase):
@@ -76,6 +93,6 @@ def import_pass(path: str) -> type[SurgeryPass]:
 
         return wrap_ir_pass(obj, name=path)
     raise SurgeryError(
-        f"'{path}' is not a pass class; subclass surgery.ModelPass (or onnx_ir.passes.InPlacePass), "
+        f"{show(path)} is not a pass class; subclass surgery.ModelPass (or onnx_ir.passes.InPlacePass), "
         "or adapt a graphsurgeon function with surgery.gs_pass"
     )

@@ -95,7 +95,8 @@ def test_bug_exits_3_with_traceback_in_a_log(
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - remove-unused\n  - use: boom:Boom\n")
-    code = main(["apply", str(recipe), str(model_path), "-o", str(tmp_path / "out"), "-q"])
+    out = tmp_path / "out"
+    code = main(["apply", str(recipe), str(model_path), "-o", str(out), "-q", "--allow-imports"])
     err = capsys.readouterr().err
     assert code == 3
     assert (

@@ -10,12 +10,12 @@ import pytest
 
 from surgery import SurgeryError, all_passes, get_pass, parse_recipe
 from surgery.cli import main
-from surgery.recipe import load_recipe
+from surgery.recipe import Imports, load_recipe
 
 
-def _error(text: str) -> str:
+def _error(text: str, imports: Imports = "refuse") -> str:
     with pytest.raises(SurgeryError) as info:
-        parse_recipe(textwrap.dedent(text), "r.yaml")
+        parse_recipe(textwrap.dedent(text), "r.yaml", imports=imports)
     return str(info.value)
 
 
@@ -161,14 +161,14 @@ def test_user_pass_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = parse_recipe(
-        "passes:\n  - use: my_passes:Tag\n    options: {label: hello}\n", "r.yaml"
+        "passes:\n  - use: my_passes:Tag\n    options: {label: hello}\n", "r.yaml", imports="allow"
     )
     assert recipe.steps[0].pass_.options.label == "hello"  # type: ignore[attr-defined]
     assert recipe.to_yaml().endswith("- use: my_passes:Tag\n  options:\n    label: hello\n")
-    assert _error("passes:\n  - use: my_passes:Nope\n") == (
+    assert _error("passes:\n  - use: my_passes:Nope\n", "allow") == (
         "r.yaml:2: passes[0] (my_passes:Nope): 'my_passes:Nope': module 'my_passes' has no attribute 'Nope'"
     )
-    assert _error("passes:\n  - use: my_passes:Tag\n    options: {labl: 1}\n").startswith(
+    assert _error("passes:\n  - use: my_passes:Tag\n    options: {labl: 1}\n", "allow").startswith(
         "r.yaml:3: passes[0] (tag): labl: unknown option; did you mean 'label'?"
     )
     sys.modules.pop("my_passes", None)
