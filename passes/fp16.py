@@ -65,6 +65,7 @@ from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
 from passes.fp16_islands import ISLAND_KINDS, IslandKind, find_islands
 from surgery.errors import SurgeryError
+from surgery.lazy import DerivedTensor
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 from surgery.writer import INLINE_LIMIT_BYTES
@@ -247,11 +248,9 @@ def _shape(tensor: ir.TensorProtocol) -> ir.Shape:
 
 def _lazy_converted(source: ir.TensorProtocol, dtype: ir.DataType, name: str) -> ir.LazyTensor:
     """A tensor whose converted bytes are computed from ``source`` each time they are read."""
-
-    def make() -> ir.TensorProtocol:
-        return ir.Tensor(_convert_array(source.numpy(), dtype), dtype=dtype, name=name)
-
-    return ir.LazyTensor(make, dtype=dtype, shape=_shape(source), name=name)
+    return DerivedTensor(
+        source, lambda array: _convert_array(array, dtype), dtype=dtype, shape=_shape(source), name=name
+    )
 
 
 def _name_matches(name: str | None, patterns: list[str]) -> bool:
