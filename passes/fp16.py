@@ -63,7 +63,7 @@ from onnx import helper as oh
 from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
 from passes.fp16_convert import Converter, InitializerReads
-from passes.fp16_islands import ISLAND_KINDS, IslandKind, find_islands
+from passes.fp16_islands import ISLAND_KINDS, Fp32Islands, IslandKind
 from surgery.errors import SurgeryError
 from surgery.lazy import DerivedTensor
 from surgery.pass_infra import ModelPass, PassOptions
@@ -284,8 +284,37 @@ class Fp16(ModelPass[Fp16Options]):
     summary = "float32 to float16 (streamed, clamped, fp32 islands for Gemma); or bf16 storage"
     Options = Fp16Options
 
+    _converter: Converter | None = None
+
+    def ensures(self, model: ir.Model) -> None:
+        """No value stays float32 between two fp16 nodes where both op schemas allow float16
+        (values into and out of fp32 islands and blocked nodes go through Casts instead)."""
+        converter = self._converter
+        if converter is None:  # bfloat16 storage: compute stays float32
+            return
+        for node in converter.fp16_nodes:
+            signature = converter.signature(node)
+            if node.op_type == "Cast" or signature is None:
+                continue
+            for index, value in enumerate(node.outputs):
+                if value.dtype != _FLOAT or not signature.output(index):
+                    continue
+                for user, slot in value.uses():
+                    reads = converter.signature(user)
+                    if (
+                        user in converter.fp16_nodes
+                        and user.op_type != "Cast"
+                        and reads is not None
+                        and reads.input(slot)
+                    ):
+                        raise ir.passes.PostconditionError(
+                            f"fp16: '{value.name}' stays float32 between fp16 nodes "
+                            f"'{node.name}' and '{user.name}'"
+                        )
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self._converter = None
         if self.options.dtype == "bfloat16":
             return ir.passes.PassResult(model, modified=_bf16_storage(graph))
         if any(v.dtype == _FLOAT16 for v in graph.initializers.values()):
@@ -302,13 +331,16 @@ class Fp16(ModelPass[Fp16Options]):
             )
         opset = graph.opset_imports.get("", model.opset_imports.get("", 0))
         options = self.options
+        self._converter = None
+        islands = Fp32Islands(kinds=list(options.fp32_islands))
+        islands(model)
         converter = Converter(
             graph,
             opset,
             keep_io_types=options.keep_io_types,
             op_block_list=options.op_block_list,
             node_block_list=options.node_block_list,
-            fp32_nodes=find_islands(graph, options.fp32_islands),
+            fp32_nodes=islands.nodes,
         )
         converter.record_types()
         converter.choose_precisions()
@@ -318,4 +350,9 @@ class Fp16(ModelPass[Fp16Options]):
         initializers_changed = _convert_initializers(graph, reads)
         _convert_constants(converter.constants)
         converter.eliminate_casts()
+        self._converter = converter
+        self.statistics = {
+            **{f"{kind} islands": count for kind, count in islands.statistics.items()},
+            "fp16 nodes": len(converter.fp16_nodes),
+        }
         return ir.passes.PassResult(model, modified=converter.changed or initializers_changed)

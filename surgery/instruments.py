@@ -164,7 +164,9 @@ class TimePasses(Instrument):
                 sampler.peak_bytes,
                 sum(self._before.values()),
                 sum(after.values()),
-                ", ".join(changes) or "-",
+                "; ".join(
+                    filter(None, [", ".join(changes) or "-", _statistics(step.pass_)])
+                ),
             )
         )
 
@@ -200,6 +202,12 @@ class TimePasses(Instrument):
 
     def finish(self, bundle: Bundle) -> None:
         print(self.table(), file=self.stream or sys.stderr)
+
+
+def _statistics(pass_: object) -> str:
+    """A pass's counts from its last call (rules fired…), for the table."""
+    statistics: dict[str, int] = getattr(pass_, "statistics", None) or {}
+    return ", ".join(f"{key} {value}" for key, value in statistics.items())
 
 
 class VerifyEach(Instrument):

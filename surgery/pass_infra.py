@@ -60,6 +60,8 @@ class SurgeryPass(Generic[OptionsT]):
     summary: ClassVar[str] = ""
     Options: ClassVar[type[PassOptions]] = PassOptions
     options: OptionsT
+    #: Counts from the last call (rules fired, nodes kept…), shown by ``--time-passes``.
+    statistics: dict[str, int]
 
     def __init__(
         self,
@@ -83,6 +85,7 @@ class SurgeryPass(Generic[OptionsT]):
             raise TypeError(f"{self.name}: options must be {self.Options.__name__}")
         self.options = typing.cast(OptionsT, options)
         self.parts: list[str] | None = list(parts) if parts is not None else None
+        self.statistics = {}
         super().__init__()
 
     def output_parts(self, parts: list[str] | None) -> list[str] | None:
