@@ -54,7 +54,8 @@ class CopyParts(BundlePass[_Options]):
         return parts + [p + self.options.suffix for p in self._selected(parts)]
 
     def call_bundle(self, bundle: Bundle) -> BundlePassResult:
-        for part in self._selected(bundle.parts):
+        selected = self._selected(bundle.parts)
+        for part in selected:
             copy = part + self.options.suffix
             if copy in bundle:
                 raise SurgeryError(
@@ -62,4 +63,4 @@ class CopyParts(BundlePass[_Options]):
                 )
             bundle[copy] = clone_model(bundle[part])
             logger.debug("copied part %s to %s", part, copy)
-        return BundlePassResult(bundle, modified=True)
+        return BundlePassResult(bundle, modified=bool(selected))

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from surgery.lazy import DerivedTensor
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 
@@ -35,9 +36,9 @@ class _Options(PassOptions):
 
 def _transposed(source: ir.TensorProtocol, perm: list[int], name: str) -> ir.LazyTensor:
     dims = source.shape.numpy()
-    return ir.LazyTensor(
-        lambda: ir.Tensor(np.ascontiguousarray(source.numpy().transpose(perm)), name=name),
-        dtype=source.dtype,
+    return DerivedTensor(
+        source,
+        lambda array: np.ascontiguousarray(array.transpose(perm)),
         shape=ir.Shape([dims[p] for p in perm]),
         name=name,
     )

@@ -1,6 +1,8 @@
 """Pass ``fp16``: float32 weights and compute to float16, streamed, with fp32 islands for Gemma.
 
-What it does, on the ``onnx_ir`` graph (no ``ModelProto`` round trip):
+What it does, on the ``onnx_ir`` graph (no ``ModelProto`` round trip), in three modules: this
+one (the pass, its options and the weights), :mod:`passes.fp16_convert` (node precisions, value
+types and casts) and :mod:`passes.fp16_slots` (which op slots may hold float16):
 
 1. Decide per node whether it computes in fp16 or stays fp32: an op block list, a node block list
    (``fnmatch`` patterns on node names), fp32 islands (:mod:`passes.fp16_islands`: RMSNorm
@@ -46,16 +48,13 @@ which hides fp16 overflow there; GPUs (WebGPU in Transformers.js) compute in fp1
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import functools
 import logging
 import typing
-from typing import Any, Literal
+from typing import Literal
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 import pydantic
@@ -63,8 +62,10 @@ from onnx import TensorProto
 from onnx import helper as oh
 from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
-from passes.fp16_islands import ISLAND_KINDS, IslandKind, find_islands
+from passes.fp16_convert import Converter, InitializerReads
+from passes.fp16_islands import ISLAND_KINDS, Fp32Islands, IslandKind
 from surgery.errors import SurgeryError
+from surgery.lazy import DerivedTensor
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 from surgery.writer import INLINE_LIMIT_BYTES
@@ -93,7 +94,6 @@ _BLOCK_ELEMENTS = 1 << 22
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
 _BFLOAT16 = ir.DataType.BFLOAT16
-_ORT_DOMAINS = ("com.microsoft",)
 
 
 class Fp16Options(PassOptions):
@@ -119,75 +119,6 @@ class Fp16Options(PassOptions):
         default_factory=lambda: list(ISLAND_KINDS),
         description="subgraphs kept float32 so Gemma stays finite ([] disables them)",
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Signature:
-    """Which input and output slots of an op may hold float16."""
-
-    inputs: tuple[bool, ...]
-    outputs: tuple[bool, ...]
-    variadic_input: bool
-    variadic_output: bool
-
-    def input(self, index: int) -> bool:
-        return _slot(self.inputs, index, self.variadic_input)
-
-    def output(self, index: int) -> bool:
-        return _slot(self.outputs, index, self.variadic_output)
-
-
-def _slot(slots: tuple[bool, ...], index: int, variadic: bool) -> bool:
-    if index < len(slots):
-        return slots[index]
-    return variadic and bool(slots) and slots[-1]
-
-
-def _signature(params: Any, formal_in: Any, formal_out: Any, type_str: str) -> _Signature:
-    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in params}
-
-    def converts(param: Any) -> bool:
-        kind = getattr(param, type_str)
-        return "tensor(float16)" in allowed.get(kind, {kind})
-
-    def variadic(formal: Any) -> bool:
-        return bool(formal) and "Variadic" in str(formal[-1].option)
-
-    return _Signature(
-        tuple(converts(p) for p in formal_in),
-        tuple(converts(p) for p in formal_out),
-        variadic(formal_in),
-        variadic(formal_out),
-    )
-
-
-@functools.cache
-def _ort_schemas() -> dict[tuple[str, str], list[Any]]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-
-    schemas: dict[tuple[str, str], list[Any]] = {}
-    for schema in ort_state.get_all_operator_schema():
-        if schema.domain in _ORT_DOMAINS:
-            schemas.setdefault((schema.domain, schema.name), []).append(schema)
-    return schemas
-
-
-@functools.cache
-def _op_signature(domain: str, op_type: str, version: int) -> _Signature | None:
-    """The fp16-capable slots of an op, from ONNX's schemas (or ONNX Runtime's contrib ones)."""
-    if domain in ("", "ai.onnx"):
-        try:
-            schema = onnx.defs.get_schema(op_type, max_inclusive_version=version, domain="")
-        except onnx.defs.SchemaError:
-            return None
-        return _signature(schema.type_constraints, schema.inputs, schema.outputs, "type_str")
-    candidates = [
-        s for s in _ort_schemas().get((domain, op_type), []) if s.since_version <= max(version, 1)
-    ]
-    if not candidates:
-        return None
-    schema = max(candidates, key=lambda s: s.since_version)
-    return _signature(schema.type_constraints, schema.inputs, schema.outputs, "typeStr")
 
 
 @functools.cache
@@ -247,236 +178,51 @@ def _shape(tensor: ir.TensorProtocol) -> ir.Shape:
 
 def _lazy_converted(source: ir.TensorProtocol, dtype: ir.DataType, name: str) -> ir.LazyTensor:
     """A tensor whose converted bytes are computed from ``source`` each time they are read."""
-
-    def make() -> ir.TensorProtocol:
-        return ir.Tensor(_convert_array(source.numpy(), dtype), dtype=dtype, name=name)
-
-    return ir.LazyTensor(make, dtype=dtype, shape=_shape(source), name=name)
+    return DerivedTensor(
+        source, lambda array: _convert_array(array, dtype), dtype=dtype, shape=_shape(source), name=name
+    )
 
 
-def _name_matches(name: str | None, patterns: list[str]) -> bool:
-    return bool(name) and any(fnmatch.fnmatchcase(name or "", p) for p in patterns)
-
-
-class _Rewriter:
-    """The state of one conversion of one graph: original types, node precisions, casts."""
-
-    def __init__(self, graph: ir.Graph, opset: int, options: Fp16Options) -> None:
-        self.graph = graph
-        self.opset = opset
-        self.options = options
-        self.original: dict[ir.Value, ir.DataType | None] = {}
-        self.fp16_nodes: set[ir.Node] = set()
-        self.casts: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
-        self.created: set[ir.Node] = set()
-        self.changed = False
-
-    def keep_io(self, value: ir.Value) -> bool:
-        keep = self.options.keep_io_types
-        return keep if isinstance(keep, bool) else _name_matches(value.name, keep)
-
-    def signature(self, node: ir.Node) -> _Signature | None:
-        version = self.graph.opset_imports.get(node.domain or "", self.opset)
-        return _op_signature(node.domain or "", node.op_type, version)
-
-    def choose_precisions(self) -> None:
-        options = self.options
-        islands = find_islands(self.graph, options.fp32_islands)
-        blocked_ops = set(options.op_block_list)
-        for node in self.graph:
-            if (
-                node in islands
-                or node.op_type in blocked_ops
-                or _name_matches(node.name, options.node_block_list)
-                or any(
-                    a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                    for a in node.attributes.values()
-                )
-                or self.signature(node) is None
-            ):
-                continue
-            if node.op_type == "Constant" and set(node.attributes) != {"value"}:
-                continue
-            self.fp16_nodes.add(node)
-        logger.info(
-            "fp16: %d of %d nodes in fp16 (%d in fp32 islands)",
-            len(self.fp16_nodes),
-            len(self.graph),
-            len(islands),
-        )
-
-    def record_types(self) -> None:
-        for value in self.graph.inputs:
-            self.original[value] = value.dtype
-        for value in self.graph.initializers.values():
-            self.original[value] = value.dtype
-        for node in self.graph.all_nodes():
-            for item in (*node.inputs, *node.outputs):
-                if item is not None and item not in self.original:
-                    self.original[item] = item.dtype
-
-    def wants(self, node: ir.Node, index: int) -> ir.DataType | None:
-        """The type ``node`` needs at input ``index``, None if any type does (or not float)."""
-        value = node.inputs[index]
-        if value is None or self.original.get(value) != _FLOAT:
-            return None
-        if node.op_type == "Cast" and node in self.fp16_nodes:
-            return None
-        if node in self.fp16_nodes:
-            signature = self.signature(node)
-            assert signature is not None
-            if signature.input(index):
-                return _FLOAT16
-        return _FLOAT
-
-    def retype_outputs(self) -> None:
-        for value in self.graph.inputs:
-            if value.dtype == _FLOAT and not self.keep_io(value):
-                value.dtype = _FLOAT16
-                self.changed = True
-        for node in self.graph:
-            if node not in self.fp16_nodes:
-                continue
-            signature = self.signature(node)
-            assert signature is not None
-            if node.op_type == "Cast":
-                output = node.outputs[0]
-                readers_want = {self.wants(user, index) for user, index in output.uses()}
-                if node.attributes["to"].as_int() == _FLOAT and _FLOAT16 in readers_want:
-                    node.attributes["to"] = ir.AttrInt64("to", _FLOAT16)
-                    node.outputs[0].dtype = _FLOAT16
-                    self.changed = True
-                continue
-            if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
-                tensor = node.attributes["value"].as_tensor()
-                if tensor.dtype == _FLOAT:
-                    converted = _convert_array(tensor.numpy(), _FLOAT16)
-                    node.attributes["value"] = ir.AttrTensor(
-                        "value", ir.Tensor(converted, name=tensor.name)
-                    )
-                    node.outputs[0].dtype = _FLOAT16
-                    self.changed = True
-                continue
-            for index, value in enumerate(node.outputs):
-                if value.dtype == _FLOAT and signature.output(index):
-                    value.dtype = _FLOAT16
-                    self.changed = True
-
-    def cast(self, value: ir.Value, to: ir.DataType, name: str | None = None) -> ir.Value:
-        """The value ``Cast(value, to)``, created once, right after ``value`` is produced."""
-        key = (value, to)
-        if key in self.casts:
-            return self.casts[key]
-        suffix = "fp16" if to == _FLOAT16 else "fp32"
-        base = value.name or "value"
-        node = ir.Node(
-            "",
-            "Cast",
-            [value],
-            attributes=[ir.AttrInt64("to", to)],
-            name=f"{base}_cast_{suffix}",
-            num_outputs=1,
-        )
-        output = node.outputs[0]
-        output.name = name or f"{base}_{suffix}"
-        output.dtype = to
-        output.shape = ir.Shape(value.shape) if value.shape is not None else None
-        producer = value.producer()
-        if producer is not None and producer.graph is self.graph:
-            self.graph.insert_after(producer, node)
+def _convert_initializers(graph: ir.Graph, reads: InitializerReads) -> bool:
+    """Initializers read in fp16 become lazy fp16 tensors (a second copy if fp32 nodes read them too)."""
+    changed = False
+    shared_bytes = 0
+    for value, readers in reads.items():
+        wanted = {want for _, _, want in readers}
+        if _FLOAT16 not in wanted:
+            continue
+        source = value.const_value
+        assert source is not None and value.name is not None
+        if wanted == {_FLOAT16}:
+            value.const_value = _lazy_converted(source, _FLOAT16, value.name)
+            value.dtype = _FLOAT16
         else:
-            self.graph.insert_before(self.graph.node(0), node)
-        self.casts[key] = output
-        self.created.add(node)
-        self.changed = True
-        return output
-
-    def fix_uses(self) -> dict[ir.Value, list[tuple[ir.Node, int, ir.DataType]]]:
-        """Insert casts where a consumer needs another type; return initializer readers."""
-        initializer_reads: dict[ir.Value, list[tuple[ir.Node, int, ir.DataType]]] = {}
-        for node in list(self.graph.all_nodes()):
-            if node in self.created:
-                continue
-            for index, value in enumerate(node.inputs):
-                if value is None:
-                    continue
-                want = self.wants(node, index) if node.graph is self.graph else _FLOAT
-                if want is None or self.original.get(value) != _FLOAT:
-                    continue
-                if value.is_initializer() and not value.is_graph_input():
-                    initializer_reads.setdefault(value, []).append((node, index, want))
-                elif value.dtype != want:
-                    node.replace_input_with(index, self.cast(value, want))
-        return initializer_reads
-
-    def fix_outputs(self) -> None:
-        for position, value in enumerate(list(self.graph.outputs)):
-            if self.original.get(value) != _FLOAT:
-                continue
-            want = _FLOAT if self.keep_io(value) else _FLOAT16
-            if value.dtype == want or value.is_initializer():
-                continue
-            name = value.name
-            value.name = f"{name}_{'fp16' if value.dtype == _FLOAT16 else 'fp32'}"
-            self.graph.outputs[position] = self.cast(value, want, name=name)
-
-    def convert_initializers(
-        self, reads: dict[ir.Value, list[tuple[ir.Node, int, ir.DataType]]]
-    ) -> None:
-        shared_bytes = 0
-        for value, readers in reads.items():
-            wanted = {want for _, _, want in readers}
-            if _FLOAT16 not in wanted:
-                continue
-            source = value.const_value
-            assert source is not None and value.name is not None
-            if wanted == {_FLOAT16}:
-                value.const_value = _lazy_converted(source, _FLOAT16, value.name)
-                value.dtype = _FLOAT16
-            else:
-                copy = ir.Value(
-                    name=f"{value.name}_fp16",
-                    shape=_shape(source),
-                    type=ir.TensorType(_FLOAT16),
-                    const_value=_lazy_converted(source, _FLOAT16, f"{value.name}_fp16"),
-                )
-                self.graph.register_initializer(copy)
-                for node, index, want in readers:
-                    if want == _FLOAT16:
-                        node.replace_input_with(index, copy)
-                shared_bytes += source.nbytes
-            self.changed = True
-        if shared_bytes:
-            logger.info(
-                "fp16: initializers read by fp16 and fp32 nodes are stored twice (%d fp32 bytes)",
-                shared_bytes,
+            copy = ir.Value(
+                name=f"{value.name}_fp16",
+                shape=_shape(source),
+                type=ir.TensorType(_FLOAT16),
+                const_value=_lazy_converted(source, _FLOAT16, f"{value.name}_fp16"),
             )
+            graph.register_initializer(copy)
+            for node, index, want in readers:
+                if want == _FLOAT16:
+                    node.replace_input_with(index, copy)
+            shared_bytes += source.nbytes
+        changed = True
+    if shared_bytes:
+        logger.info(
+            "fp16: initializers read by fp16 and fp32 nodes are stored twice (%d fp32 bytes)",
+            shared_bytes,
+        )
+    return changed
 
-    def eliminate_casts(self) -> None:
-        """Bypass lossless cast pairs (fp16 → fp32 → X) and drop casts to the type they read."""
-        outputs = set(self.graph.outputs)
-        for node in list(self.graph):
-            if node.op_type != "Cast" or node.inputs[0] is None:
-                continue
-            source = node.inputs[0]
-            first = source.producer()
-            if (
-                first is not None
-                and first.op_type == "Cast"
-                and first.inputs[0] is not None
-                and first.inputs[0].dtype in (_FLOAT16, _BFLOAT16)
-                and source.dtype == _FLOAT
-            ):
-                node.replace_input_with(0, first.inputs[0])
-                if not source.uses() and source not in outputs:
-                    self.graph.remove(first, safe=True)
-                source = first.inputs[0]
-                self.changed = True
-            output = node.outputs[0]
-            if source.dtype == node.attributes["to"].as_int() and output not in outputs:
-                output.replace_all_uses_with(source)
-                self.graph.remove(node, safe=True)
-                self.changed = True
+
+def _convert_constants(nodes: list[ir.Node]) -> None:
+    """The float32 values of ``Constant`` / ``ConstantOfShape`` nodes retyped to fp16."""
+    for node in nodes:
+        tensor = node.attributes["value"].as_tensor()
+        converted = _convert_array(tensor.numpy(), _FLOAT16)
+        node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(converted, name=tensor.name))
 
 
 def _bf16_storage(graph: ir.Graph) -> bool:
@@ -538,8 +284,37 @@ class Fp16(ModelPass[Fp16Options]):
     summary = "float32 to float16 (streamed, clamped, fp32 islands for Gemma); or bf16 storage"
     Options = Fp16Options
 
+    _converter: Converter | None = None
+
+    def ensures(self, model: ir.Model) -> None:
+        """No value stays float32 between two fp16 nodes where both op schemas allow float16
+        (values into and out of fp32 islands and blocked nodes go through Casts instead)."""
+        converter = self._converter
+        if converter is None:  # bfloat16 storage: compute stays float32
+            return
+        for node in converter.fp16_nodes:
+            signature = converter.signature(node)
+            if node.op_type == "Cast" or signature is None:
+                continue
+            for index, value in enumerate(node.outputs):
+                if value.dtype != _FLOAT or not signature.output(index):
+                    continue
+                for user, slot in value.uses():
+                    reads = converter.signature(user)
+                    if (
+                        user in converter.fp16_nodes
+                        and user.op_type != "Cast"
+                        and reads is not None
+                        and reads.input(slot)
+                    ):
+                        raise ir.passes.PostconditionError(
+                            f"fp16: '{value.name}' stays float32 between fp16 nodes "
+                            f"'{node.name}' and '{user.name}'"
+                        )
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self._converter = None
         if self.options.dtype == "bfloat16":
             return ir.passes.PassResult(model, modified=_bf16_storage(graph))
         if any(v.dtype == _FLOAT16 for v in graph.initializers.values()):
@@ -555,12 +330,29 @@ class Fp16(ModelPass[Fp16Options]):
                 f"'{untyped[0]}'); fp16 needs every value typed; run shape-inference first"
             )
         opset = graph.opset_imports.get("", model.opset_imports.get("", 0))
-        rewriter = _Rewriter(graph, opset, self.options)
-        rewriter.record_types()
-        rewriter.choose_precisions()
-        rewriter.retype_outputs()
-        rewriter.fix_outputs()
-        reads = rewriter.fix_uses()
-        rewriter.convert_initializers(reads)
-        rewriter.eliminate_casts()
-        return ir.passes.PassResult(model, modified=rewriter.changed)
+        options = self.options
+        self._converter = None
+        islands = Fp32Islands(kinds=list(options.fp32_islands))
+        islands(model)
+        converter = Converter(
+            graph,
+            opset,
+            keep_io_types=options.keep_io_types,
+            op_block_list=options.op_block_list,
+            node_block_list=options.node_block_list,
+            fp32_nodes=islands.nodes,
+        )
+        converter.record_types()
+        converter.choose_precisions()
+        converter.retype_outputs()
+        converter.fix_outputs()
+        reads = converter.fix_uses()
+        initializers_changed = _convert_initializers(graph, reads)
+        _convert_constants(converter.constants)
+        converter.eliminate_casts()
+        self._converter = converter
+        self.statistics = {
+            **{f"{kind} islands": count for kind, count in islands.statistics.items()},
+            "fp16 nodes": len(converter.fp16_nodes),
+        }
+        return ir.passes.PassResult(model, modified=converter.changed or initializers_changed)

@@ -286,6 +286,17 @@ def _make_part(model: ir.Model, graph: ir.Graph, name: str) -> ir.Model:
     return unshare(part)
 
 
+def _dangling(model: ir.Model) -> list[str]:
+    """Names of values that ``model``'s nodes or outputs read but nothing in ``model`` defines."""
+    defined: set[ir.Value] = set()
+    for graph in model.graphs():
+        defined.update(graph.inputs, graph.initializers.values())
+        for node in graph:
+            defined.update(node.outputs)
+    read = [v for node in model.graph.all_nodes() for v in node.inputs if v is not None]
+    return sorted({v.name or "" for v in [*read, *model.graph.outputs] if v not in defined})
+
+
 @register
 class Split(BundlePass[_SplitOptions]):
     """Split one part into several, each the closed subgraph between its inputs and outputs.
@@ -335,6 +346,15 @@ class Split(BundlePass[_SplitOptions]):
                 f"source: no part named '{source}'; parts: {', '.join(bundle.parts)}"
             )
         return source
+
+    def ensures(self, bundle: Bundle) -> None:
+        """Every new part is closed: each value it reads is an input, a weight or produced in it."""
+        for name in self.options.parts:
+            dangling = _dangling(bundle[name])
+            if dangling:
+                raise ir.passes.PostconditionError(
+                    f"split: part '{name}' reads {_quoted(dangling)}, which nothing in it defines"
+                )
 
     def call_bundle(self, bundle: Bundle) -> BundlePassResult:
         """Replace the source part by the declared parts."""

@@ -29,6 +29,7 @@ import onnx_ir as ir
 import pydantic
 
 from surgery.errors import SurgeryError
+from surgery.lazy import DerivedTensor
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 from surgery.summary import format_bytes
@@ -61,19 +62,16 @@ def _row_block(tensor: ir.TensorProtocol, start: int, stop: int, name: str) -> i
             name=name,
             base_dir=tensor.base_dir,
         )
-    return ir.LazyTensor(
-        lambda: ir.Tensor(np.ascontiguousarray(tensor.numpy()[start:stop]), name=name),
-        dtype=tensor.dtype,
-        shape=shape,
-        name=name,
+    return DerivedTensor(
+        tensor, lambda array: np.ascontiguousarray(array[start:stop]), shape=shape, name=name
     )
 
 
 def _column_block(tensor: ir.TensorProtocol, start: int, stop: int, name: str) -> ir.TensorProtocol:
     """Columns ``start:stop`` of a 2-D tensor, computed when written."""
-    return ir.LazyTensor(
-        lambda: ir.Tensor(np.ascontiguousarray(tensor.numpy()[:, start:stop]), name=name),
-        dtype=tensor.dtype,
+    return DerivedTensor(
+        tensor,
+        lambda array: np.ascontiguousarray(array[:, start:stop]),
         shape=ir.Shape([tensor.shape.numpy()[0], stop - start]),
         name=name,
     )

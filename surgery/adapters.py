@@ -30,13 +30,32 @@ __all__ = ["gs_pass", "wrap_ir_pass"]
 _PLACEHOLDER = "__surgery_placeholder__"
 
 
+def _adopt(model: ir.Model, result: ir.Model) -> None:
+    """Make ``model`` the functional pass's ``result``: graph (and its opset imports), functions,
+    IR version and model-level fields; ours is in place, so the object must stay the same."""
+    model.graph = result.graph
+    model.functions.clear()
+    model.functions.update(result.functions)
+    model.metadata_props.clear()
+    model.metadata_props.update(result.metadata_props)
+    for field in (
+        "ir_version",
+        "producer_name",
+        "producer_version",
+        "domain",
+        "model_version",
+        "doc_string",
+    ):
+        setattr(model, field, getattr(result, field))
+
+
 def wrap_ir_pass(cls: type[ir.passes.PassBase], *, name: str) -> type[ModelPass]:
     """Wrap an argument-free ``onnx_ir`` pass class as a :class:`ModelPass`."""
 
     def call(self: ModelPass, model: ir.Model) -> ir.passes.PassResult:
         result = cls()(model)
         if result.model is not model:
-            model.graph = result.model.graph
+            _adopt(model, result.model)
         return ir.passes.PassResult(model, result.modified)
 
     return type(

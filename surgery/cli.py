@@ -56,7 +56,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.verify_each:
         instruments.append(VerifyEach())
     if args.dump_dir:
-        instruments.append(DumpAfterPass(args.dump_dir, only_changed=args.dump_changed))
+        instruments.append(
+            DumpAfterPass(
+                args.dump_dir,
+                only_changed=args.dump_changed,
+                on_failure=args.dump_on_failure,
+                replace=args.force,
+            )
+        )
     if args.time_passes:
         instruments.append(TimePasses())
     layout = recipe.layout
@@ -203,10 +210,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help=".onnx file (its external data beside it), or a folder of them")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output folder and an earlier run's dumps in --dump-dir",
+    )
     p.add_argument("--dump-dir", help="write every part after every pass to DIR/NN-<pass>/")
     p.add_argument(
         "--dump-changed", action="store_true", help="dump only after passes that changed something"
+    )
+    p.add_argument(
+        "--dump-on-failure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --dump-dir, write a failing pass's input to DIR/NN-<pass>-failed-input/ "
+        "(default: on)",
     )
     p.add_argument(
         "--time-passes",

@@ -67,6 +67,14 @@ class Instrument:
     ) -> None:
         """After a pass ran on a part (or on the whole bundle)."""
 
+    def after_failure(
+        self, step: Step, label: str, models: Sequence[ir.Model], error: BaseException
+    ) -> None:
+        """After a pass failed on a part (or on the whole bundle), or an instrument's
+        ``after_unit`` refused its result; ``models`` are as the failure left them. MLIR's
+        ``runAfterPassFailed``: release what ``before_unit`` took, write what helps debugging.
+        The error is re-raised after every instrument has seen it."""
+
     def after_pass(self, step: Step, bundle: Bundle, modified: bool) -> None:
         """After a pass ran on every selected part."""
 
@@ -141,21 +149,39 @@ class PassManager:
         for instrument in self.instruments:
             instrument.before_unit(step, label, models)
         try:
-            if isinstance(pass_, BundlePass):
-                modified = pass_.call_bundle(bundle).modified
-            else:
-                assert isinstance(pass_, ModelPass)
-                result = pass_(bundle[label])
-                bundle[label] = result.model
-                modified = result.modified
-        except (KeyboardInterrupt, SystemExit):
+            try:
+                modified = self._call(pass_, label, bundle)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                raise self._failure(step, label, exc) from exc
+            models = list(bundle.values()) if label == ALL_PARTS else [bundle[label]]
+            for instrument in self.instruments:
+                instrument.after_unit(step, label, models, modified)
+        except BaseException as exc:
+            models = list(bundle.values()) if label == ALL_PARTS else [bundle[label]]
+            for instrument in self.instruments:
+                try:
+                    instrument.after_failure(step, label, models, exc)
+                except Exception:  # the pass's error is the one to report
+                    logger.exception("%s.after_failure failed", type(instrument).__name__)
             raise
-        except Exception as exc:
-            raise self._failure(step, label, exc) from exc
-        models = list(bundle.values()) if label == ALL_PARTS else [bundle[label]]
-        for instrument in self.instruments:
-            instrument.after_unit(step, label, models, modified)
         return modified
+
+    @staticmethod
+    def _call(pass_: SurgeryPass, label: str, bundle: Bundle) -> bool:
+        """Run one unit through the pass's ``__call__`` (requires, call, ensures)."""
+        if isinstance(pass_, BundlePass):
+            bundle_result = pass_(bundle)
+            if bundle_result.bundle is not bundle:
+                parts = dict(bundle_result.bundle)
+                bundle.clear()
+                bundle.update(parts)
+            return bundle_result.modified
+        assert isinstance(pass_, ModelPass)
+        result = pass_(bundle[label])
+        bundle[label] = result.model
+        return result.modified
 
     def _failure(self, step: Step, label: str, exc: Exception) -> Exception:
         before = [s.name for s in self.steps[: step.index]]

@@ -60,6 +60,8 @@ class SurgeryPass(Generic[OptionsT]):
     summary: ClassVar[str] = ""
     Options: ClassVar[type[PassOptions]] = PassOptions
     options: OptionsT
+    #: Counts from the last call (rules fired, nodes kept…), shown by ``--time-passes``.
+    statistics: dict[str, int]
 
     def __init__(
         self,
@@ -83,6 +85,7 @@ class SurgeryPass(Generic[OptionsT]):
             raise TypeError(f"{self.name}: options must be {self.Options.__name__}")
         self.options = typing.cast(OptionsT, options)
         self.parts: list[str] | None = list(parts) if parts is not None else None
+        self.statistics = {}
         super().__init__()
 
     def output_parts(self, parts: list[str] | None) -> list[str] | None:
@@ -128,7 +131,41 @@ class ModelPass(SurgeryPass[OptionsT], ir.passes.InPlacePass):
 
 
 class BundlePass(SurgeryPass[OptionsT], abc.ABC):
-    """A pass that transforms the bundle as a whole (it may add, remove or rename parts)."""
+    """A pass that transforms the bundle as a whole (it may add, remove or rename parts).
+
+    Called like an ``onnx_ir`` pass: ``pass_(bundle)`` checks :meth:`requires`, runs
+    :meth:`call_bundle`, then checks :meth:`ensures`, raising onnx_ir's ``PreconditionError`` /
+    ``PostconditionError`` as ``PassBase.__call__`` does, so the manager treats both kinds alike.
+    """
+
+    def __call__(self, bundle: Bundle) -> BundlePassResult:
+        """Check the preconditions, transform ``bundle``, check the postconditions."""
+        try:
+            self.requires(bundle)
+        except ir.passes.PreconditionError:
+            raise
+        except Exception as exc:
+            raise ir.passes.PreconditionError(
+                f"Pre-condition for pass '{type(self).__name__}' failed"
+            ) from exc
+        result = self.call_bundle(bundle)
+        if not isinstance(result, BundlePassResult):
+            raise TypeError(f"{self.name}: call_bundle must return a BundlePassResult")
+        try:
+            self.ensures(result.bundle)
+        except ir.passes.PostconditionError:
+            raise
+        except Exception as exc:
+            raise ir.passes.PostconditionError(
+                f"Post-condition for pass '{type(self).__name__}' failed"
+            ) from exc
+        return result
+
+    def requires(self, bundle: Bundle) -> None:
+        """What the pass needs of its input; raise ``PreconditionError`` if it is not so."""
+
+    def ensures(self, bundle: Bundle) -> None:
+        """What the pass promises of its output; raise ``PostconditionError`` if it is not so."""
 
     @abc.abstractmethod
     def call_bundle(self, bundle: Bundle) -> BundlePassResult:

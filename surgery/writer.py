@@ -30,6 +30,7 @@ import tqdm
 from surgery.atomic import atomic_dir
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
+from surgery.lazy import computed_whole_when_written
 from surgery.summary import format_bytes
 
 __all__ = [
@@ -136,14 +137,12 @@ def _computed_ahead(
 ) -> Iterator[tuple[_Placement, ir.TensorProtocol | None]]:
     """Yield placements in order, with lazy tensors already computed by worker threads.
 
-    A plain ``onnx_ir.LazyTensor`` (an fp16 conversion, say) is computed in a thread while
+    A lazy tensor that writing would compute whole (an fp16 conversion, say: see
+    :func:`surgery.lazy.computed_whole_when_written`) is computed in a thread while
     earlier tensors are written: numpy releases the GIL, so computing and writing overlap.
     At most :data:`AHEAD_BYTES` of computed tensors wait at once (a larger tensor still goes,
     alone). Other tensors (still on disk, in memory, or streaming themselves) pass through.
     """
-
-    def computes_ahead(tensor: ir.TensorProtocol) -> bool:
-        return type(tensor) is ir.LazyTensor
 
     def compute(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
         return ir.Tensor(tensor.numpy(), name=tensor.name)
@@ -162,7 +161,7 @@ def _computed_ahead(
                 if placement is None:
                     exhausted = True
                     break
-                if computes_ahead(placement.tensor):
+                if computed_whole_when_written(placement.tensor):
                     waiting.append((placement, pool.submit(compute, placement.tensor)))
                     waiting_bytes += placement.tensor.nbytes
                 else:

@@ -13,6 +13,7 @@ from _util import run_onnx
 
 from passes import DeduplicateInitializers, RemoveUnused, TopologicalSort
 from surgery import ModelPass, PassFailed, PassManager, SurgeryError, gs_pass, load, save
+from surgery.adapters import wrap_ir_pass
 from surgery.cli import main
 from surgery.instruments import DumpAfterPass, TimePasses, VerifyEach
 
@@ -223,3 +224,36 @@ def test_cli_apply_with_every_flag(
         "02-dedup-initializers",
     ]
     np.testing.assert_array_equal(run_onnx(out / "m.onnx"), run_onnx(model_path))
+
+
+
+class _DoubleThroughLocalFunction(ir.passes.FunctionalPass):
+    """Returns a new model whose output is doubled by a model-local function ``local.Twice``."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        new = model.clone()
+        x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT))
+        add = ir.Node("", "Add", [x, x], num_outputs=1)
+        body = ir.Graph([x], add.outputs, nodes=[add], opset_imports={"": 18})
+        function = ir.Function("local", "Twice", graph=body, attributes=[])
+        new.functions[function.identifier()] = function
+        new.opset_imports["local"] = 1
+        twice = ir.Node("local", "Twice", [new.graph.outputs[0]], num_outputs=1, name="twice")
+        twice.outputs[0].name = "doubled"
+        twice.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        new.graph.append(twice)
+        new.graph.outputs[0] = twice.outputs[0]
+        return ir.passes.PassResult(new, True)
+
+
+def test_wrap_ir_pass_keeps_functions_and_opsets_of_a_functional_result(
+    model_path: Path, tmp_path: Path
+) -> None:
+    wrapped = wrap_ir_pass(_DoubleThroughLocalFunction, name="double")
+    bundle = load(model_path)
+    assert PassManager([wrapped()]).run(bundle) is True
+    model = bundle["m"]
+    assert list(model.functions) == [("local", "Twice", "")]
+    assert model.opset_imports["local"] == 1
+    save(bundle, tmp_path / "out")
+    np.testing.assert_allclose(run_onnx(tmp_path / "out" / "m.onnx"), 2 * run_onnx(model_path))

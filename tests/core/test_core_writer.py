@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,6 +14,7 @@ import pytest
 from _util import run_onnx
 
 from surgery import SurgeryError, load, writer
+from surgery.lazy import DerivedTensor, computed_whole_when_written
 from surgery.synthetic import write_synthetic_model
 from surgery.transformersjs import TransformersJsLayout
 from surgery.writer import LARGE_ALIGNMENT, write_model
@@ -116,3 +119,48 @@ def test_a_tensor_over_the_ahead_window_is_computed_only_after_the_last_is_freed
         value.const_value = lazy(value.const_value)
     write_model(model, tmp_path / "out" / "m.onnx", lambda chunk: "m.onnx.data")
     assert most_alive == 1
+
+
+def test_lazy_tensor_subclasses_are_computed_ahead_unless_they_stream_themselves(
+    tmp_path: Path,
+) -> None:
+    """Found by capability, not exact type: a ``LazyTensor`` subclass that writing would compute
+    whole (``DerivedTensor``) is computed by the writer's threads; one with its own ``tofile``
+    (like the exporter's ``CastingTensor``) streams itself from the writing thread."""
+    source = write_synthetic_model(tmp_path / "m.onnx", layers=2)
+    model = load(source)["m"]
+    threads: dict[str, str] = {}
+
+    class Streaming(ir.LazyTensor):
+        def tofile(self, file: Any) -> None:
+            threads[self.name or ""] = threading.current_thread().name
+            super().tofile(file)
+
+    values = [
+        v
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.nbytes > 1024
+    ]
+    derived, streaming = values[0], values[1]
+    assert derived.const_value is not None and streaming.const_value is not None
+
+    def plus_one(array: np.ndarray) -> np.ndarray:
+        threads[derived.name or ""] = threading.current_thread().name
+        return array + np.float32(1)
+
+    expected = derived.const_value.numpy() + np.float32(1)
+    derived.const_value = DerivedTensor(derived.const_value, plus_one, name=derived.name or "")
+    original = streaming.const_value
+    streaming.const_value = Streaming(
+        original.numpy, dtype=original.dtype, shape=original.shape, name=streaming.name
+    )
+    assert computed_whole_when_written(derived.const_value)
+    assert not computed_whole_when_written(streaming.const_value)
+    out = tmp_path / "out" / "m.onnx"
+    write_model(model, out, lambda chunk: "m.onnx.data")
+    assert threads[derived.name or ""] != threading.main_thread().name
+    assert threads[streaming.name or ""] == threading.main_thread().name
+    written = {t.name: t for t in onnx.load(out).graph.initializer}
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(written[derived.name], str(out.parent)), expected
+    )
