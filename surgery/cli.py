@@ -92,7 +92,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.print:
         print(recipe.to_yaml(), end="")
-    print(f"{recipe.source}: ok, {len(recipe.steps)} passes")
+    count = len(recipe.steps)
+    print(f"{recipe.source}: ok, {count} pass{'' if count == 1 else 'es'}")
     return 0
 
 
