@@ -1,4 +1,4 @@
-"""Errors a user can fix, kept apart from bugs.
+"""Errors a user can fix, kept apart from bugs, and hints shared by their messages.
 
 The CLI prints a :class:`SurgeryError` as one line and exits 1; anything else is a bug
 (exit 3, traceback kept).
@@ -6,7 +6,13 @@ The CLI prints a :class:`SurgeryError` as one line and exits 1; anything else is
 
 from __future__ import annotations
 
-__all__ = ["SurgeryError"]
+import os
+import re
+
+__all__ = ["SurgeryError", "hub_id_hint"]
+
+#: ``owner/name`` as the Hugging Face hub spells repository ids (no leading dot, no ``..``).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 class SurgeryError(Exception):
@@ -14,3 +20,18 @@ class SurgeryError(Exception):
 
     The message must say what is wrong, where (file, recipe line, pass, part) and what to do.
     """
+
+
+def hub_id_hint(path: str | os.PathLike[str]) -> str:
+    """``"; ..."`` telling how to download ``path`` when it looks like a hub id, else ``""``.
+
+    surgery reads local folders only (no network access); a missing ``owner/name`` path is most
+    likely a Hugging Face repository id that the user meant to download.
+    """
+    text = os.fspath(path)
+    if os.path.exists(text) or not _HUB_ID.fullmatch(text) or ".." in text:
+        return ""
+    return (
+        f"; it looks like a Hugging Face hub id, and surgery reads local folders only: "
+        f"download it first (hf download {text} --local-dir DIR) and pass DIR"
+    )
