@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery.atomic import atomic_dir
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, hub_id_hint
 from surgery.jsonfile import read_json_object
 
 if TYPE_CHECKING:
@@ -189,6 +189,7 @@ def _load_config(preset_or_config: str | os.PathLike[str]) -> tuple[PaliGemmaCon
     if not path.is_file():
         raise SurgeryError(
             f"{name}: neither a preset nor a config.json; presets: {', '.join(PRESETS)}"
+            f"{hub_id_hint(name)}"
         )
     raw = read_json_object(path)
     if raw.get("model_type") != "paligemma":

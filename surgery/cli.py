@@ -102,7 +102,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(recipe.to_yaml(), end="")
     skipped = recipe.not_imported()
     note = f"; not imported, options unchecked: {', '.join(skipped)}" if skipped else ""
-    print(f"{recipe.source}: ok, {len(recipe.steps)} passes{note}")
+    count = len(recipe.steps)
+    print(f"{recipe.source}: ok, {count} pass{'' if count == 1 else 'es'}{note}")
     return 0
 
 
@@ -115,12 +116,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
+    import errno
+
     import netron
 
     from surgery.io import load_model
 
     load_model(args.model)  # validate first: a clear error instead of a blank page
-    address = netron.start(str(args.model), address=("127.0.0.1", args.port), browse=False)
+    try:
+        address = netron.start(str(args.model), address=("127.0.0.1", args.port), browse=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+            raise
+        raise SurgeryError(
+            f"--port {args.port}: cannot serve on 127.0.0.1:{args.port} ({exc.strerror}); "
+            "choose another port"
+        ) from None
     print(f"serving {args.model} at http://{address[0]}:{address[1]}  (Ctrl-C to stop)", flush=True)
     netron.wait()
     return 0
@@ -195,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="print tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(
         name: str, func: Callable[[argparse.Namespace], int], help: str
@@ -334,14 +345,33 @@ def _report_bug(exc: BaseException, debug: bool) -> None:
     )
 
 
+#: The optional extra each command needs (surgery.extras checks it before the command runs).
+_EXTRA_FOR = {
+    "view": "view",
+    "export": "export",
+    "make-random": "export",
+    "verify": "export",
+    "demo": "export",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `surgery` asks what it can do: help, exit 0 (as pip)
+        parser.print_help()
+        return 0
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        extra = _EXTRA_FOR.get(args.command)
+        if extra:
+            from surgery.extras import require_extra
+
+            require_extra(extra, f"surgery {args.command}")
         return int(args.func(args))
     except SurgeryError as exc:
         print(f"surgery: error: {exc}", file=sys.stderr)

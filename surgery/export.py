@@ -36,12 +36,15 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from surgery.atomic import atomic_files, check_destination
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, hub_id_hint
 from surgery.jsonfile import read_json_object
 from surgery.transformersjs import CHECKPOINT_METADATA_KEY
+
+if TYPE_CHECKING:
+    from surgery.export_weights import SafetensorsEntry
 
 __all__ = [
     "ATTENTION_MASK",
@@ -58,6 +61,7 @@ __all__ = [
     "SUPPORTED_TEXT_MODELS",
     "TOKEN_EMBEDDINGS",
     "TOTAL_SEQUENCE",
+    "check_checkpoint",
     "export_checkpoint",
     "input_names",
     "output_names",
@@ -128,10 +132,74 @@ class _Stages:
             )
 
 
+#: Config fields the export builds shapes from: each must be a positive integer when present
+#: (absent ones take transformers' defaults). transformers 5 rejects some wrong types itself, but
+#: without saying which sub-config, and accepts zeros that divide by zero during tracing.
+_SHAPE_FIELDS = {
+    "text_config": (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "sliding_window",
+    ),
+    "vision_config": (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_channels",
+        "image_size",
+        "patch_size",
+    ),
+}
+
+
+def _check_shape_fields(raw: dict[str, Any], path: Path) -> None:
+    """Refuse config values the export cannot build a graph from, naming the file and key."""
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    for section, keys in _SHAPE_FIELDS.items():
+        config = raw.get(section) or {}
+        for key in keys:
+            value = config.get(key)
+            if value is not None and not positive_int(value):
+                raise SurgeryError(
+                    f"{path}: {section}.{key}: expected a positive integer, got {value!r}; fix it"
+                )
+    text, vision = raw.get("text_config") or {}, raw.get("vision_config") or {}
+    heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise SurgeryError(
+            f"{path}: text_config.num_attention_heads ({heads}) is not a multiple of "
+            f"num_key_value_heads ({kv_heads}); fix one of them"
+        )
+    if vision.get("image_size") and vision.get("patch_size", 0) > vision["image_size"]:
+        raise SurgeryError(
+            f"{path}: vision_config.patch_size ({vision['patch_size']}) exceeds image_size "
+            f"({vision['image_size']}): no image patch fits; fix one of them"
+        )
+    image_token = raw.get("image_token_index", raw.get("image_token_id"))
+    if image_token is not None and (
+        not isinstance(image_token, int) or isinstance(image_token, bool) or image_token < 0
+    ):
+        raise SurgeryError(
+            f"{path}: image_token_index: expected a token id (an integer >= 0), got "
+            f"{image_token!r}; fix it"
+        )
+
+
 def _read_config(checkpoint: Path) -> dict[str, Any]:
     """Validate the folder and its config.json; return the raw config."""
     if not checkpoint.exists():
-        raise SurgeryError(f"{checkpoint}: checkpoint folder not found; check the path")
+        raise SurgeryError(
+            f"{checkpoint}: checkpoint folder does not exist{hub_id_hint(checkpoint)}"
+        )
     if not checkpoint.is_dir():
         raise SurgeryError(f"{checkpoint}: not a folder; pass a Hugging Face checkpoint folder")
     path = checkpoint / "config.json"
@@ -141,17 +209,43 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
         )
     raw = read_json_object(path, fix="fix or re-download it")
     architectures = raw.get("architectures") or [raw.get("model_type", "unknown")]
+    for section in _SHAPE_FIELDS:
+        if not isinstance(raw.get(section) or {}, dict):
+            raise SurgeryError(f"{path}: {section}: expected a mapping, got {raw[section]!r}; fix it")
     text_type = (raw.get("text_config") or {}).get("model_type", "gemma")
     supported = f"{', '.join(SUPPORTED_ARCHITECTURES)} with a {' or '.join(SUPPORTED_TEXT_MODELS)} text model"
     if architectures[0] not in SUPPORTED_ARCHITECTURES or raw.get("model_type") != "paligemma":
-        raise SurgeryError(
-            f"{path}: architecture {architectures[0]} is not supported; supported: {supported}"
+        what = (
+            f"architecture {architectures[0]}"
+            if architectures[0] not in SUPPORTED_ARCHITECTURES
+            else f"model_type {raw.get('model_type')!r}"
         )
+        raise SurgeryError(f"{path}: {what} is not supported; supported: {supported}")
     if text_type not in SUPPORTED_TEXT_MODELS:
         raise SurgeryError(
             f"{path}: {architectures[0]} with a {text_type} text model is not supported; supported: {supported}"
         )
+    _check_shape_fields(raw, path)
     return raw
+
+
+def check_checkpoint(
+    checkpoint: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, SafetensorsEntry]]:
+    """Check a checkpoint folder before any work: config, shape fields, weights files, headers.
+
+    Returns:
+        The raw ``config.json`` and the safetensors entries (checkpoint key to byte location).
+
+    Raises:
+        SurgeryError: Missing folder, an unsupported or malformed config, missing or corrupt
+            safetensors files.
+    """
+    from surgery.export_weights import read_safetensors
+
+    checkpoint = Path(checkpoint)
+    raw = _read_config(checkpoint)
+    return raw, read_safetensors(checkpoint)
 
 
 @contextlib.contextmanager
@@ -218,6 +312,49 @@ def _checkpoint_keys(model: Any, checkpoint_keys: list[str]) -> dict[str, str]:
         elif first not in key_for and name in key_for:
             key_for[first] = key_for[name]
     return key_for
+
+
+def _checkpoint_name(name: str, key_for: dict[str, str]) -> str:
+    """The key a parameter would have in this checkpoint, inferred from the keys it does have.
+
+    ``from_pretrained`` renames checkpoint keys by prefix (legacy ``language_model.model.*`` ->
+    ``model.language_model.*``); the prefixes are read off the pairs that did match, and the most
+    specific one that fits ``name`` is undone. With no rename in play the name is the key.
+    """
+    prefixes: dict[str, str] = {}
+    for renamed, key in key_for.items():
+        ours, theirs = renamed.split("."), key.split(".")
+        common = 0
+        while common < min(len(ours), len(theirs)) and ours[-1 - common] == theirs[-1 - common]:
+            common += 1
+        model_prefix = ".".join(ours[: len(ours) - common])
+        prefixes.setdefault(model_prefix, ".".join(theirs[: len(theirs) - common]))
+    fitting = [p for p in prefixes if p and (name == p or name.startswith(p + "."))]
+    if not fitting:
+        return name
+    best = max(fitting, key=len)
+    rest = name[len(best) :].lstrip(".")
+    return ".".join(part for part in (prefixes[best], rest) if part)
+
+
+def _check_weights_present(model: Any, key_for: dict[str, str], checkpoint: Path) -> None:
+    """Refuse, before tracing, a checkpoint that lacks a parameter; name it as the checkpoint would."""
+    for name, _ in model.named_parameters():
+        if name in key_for:
+            continue
+        key = _checkpoint_name(name, key_for)
+        index = checkpoint / "model.safetensors.index.json"
+        listed = read_json_object(index).get("weight_map", {}).get(key) if index.is_file() else None
+        if isinstance(listed, str):
+            raise SurgeryError(
+                f"{checkpoint / listed}: has no tensor {key!r}, which {index.name} lists in it; "
+                "the shard is incomplete or from another model: re-download it"
+            )
+        files = ", ".join(sorted(p.name for p in checkpoint.glob("*.safetensors")))
+        raise SurgeryError(
+            f"{checkpoint}: no safetensors file holds {key!r} (searched {files}); "
+            "is it a complete PaliGemma checkpoint?"
+        )
 
 
 def _example_inputs(model: Any) -> tuple[Any, ...]:
@@ -340,19 +477,19 @@ def export_checkpoint(
         The written model path.
 
     Raises:
-        SurgeryError: Missing folder or config, unsupported architecture, corrupt or incomplete
-            safetensors, or existing output without ``force``. Nothing is written.
+        SurgeryError: Missing folder or config, unsupported architecture, a malformed config
+            value, corrupt or incomplete safetensors (a missing tensor named by its checkpoint
+            key), or existing output without ``force``. Raised before tracing; nothing is written.
     """
     from onnxscript import optimizer
 
     from passes.fold_transposes import FoldTransposes
-    from surgery.export_weights import attach_weights, read_safetensors
+    from surgery.export_weights import attach_weights
 
     stage = _Stages(progress)
     checkpoint = Path(checkpoint)
-    raw = _read_config(checkpoint)
+    raw, entries = check_checkpoint(checkpoint)
     output = check_destination(output, force=force)
-    entries = read_safetensors(checkpoint)
     stage(
         f"checkpoint {checkpoint}: {raw['architectures'][0]} ({raw['text_config']['model_type']}), "
         f"{len(entries)} tensors"
@@ -360,7 +497,9 @@ def export_checkpoint(
 
     model, buffers = _build_model(checkpoint)
     num_layers = model.config.text_config.num_hidden_layers
-    key_for = {f"model.{name}": key for name, key in _checkpoint_keys(model, list(entries)).items()}
+    model_keys = _checkpoint_keys(model, list(entries))
+    _check_weights_present(model, model_keys, checkpoint)
+    key_for = {f"model.{name}": key for name, key in model_keys.items()}
     stage("tracing with torch.onnx.export(dynamo=True), weights on the meta device")
     onnx_model = _trace(model)
     stage(

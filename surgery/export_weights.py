@@ -138,7 +138,8 @@ def read_safetensors(checkpoint: Path) -> dict[str, SafetensorsEntry]:
         files = sorted(checkpoint.glob("*.safetensors"))
     if not files:
         raise SurgeryError(
-            f"{checkpoint}: no *.safetensors weights; export needs a safetensors checkpoint"
+            f"{checkpoint}: no *.safetensors weights; give a Hugging Face checkpoint folder "
+            "(config.json + model*.safetensors)"
         )
     entries: dict[str, SafetensorsEntry] = {}
     for file in files:

@@ -76,7 +76,9 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if not path.exists():
         raise SurgeryError(f"{path}: no such file")
     if path.is_dir():
-        raise SurgeryError(f"{path}: is a folder; give an .onnx file (or use load() for a folder)")
+        files = sorted(path.rglob("*.onnx"))
+        example = f", e.g. {files[0]}" if files else "; this folder has none"
+        raise SurgeryError(f"{path}: is a folder; give one .onnx file{example}")
     try:
         proto = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError) as exc:

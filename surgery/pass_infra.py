@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, TypeVar
@@ -93,11 +94,15 @@ class SurgeryPass(Generic[OptionsT]):
         return parts
 
     def describe(self) -> dict[str, Any]:
-        """This pass as a recipe entry: the inverse of recipe parsing."""
+        """This pass as a recipe entry: the inverse of recipe parsing.
+
+        Options appear as written: those set explicitly are kept even when they equal the
+        default (pydantic records them in ``model_fields_set``), untouched defaults are left out.
+        """
         entry: dict[str, Any] = {"pass": self.name}
         if self.parts is not None:
             entry["parts"] = list(self.parts)
-        options = self.options.model_dump(mode="json", exclude_defaults=True)
+        options = self.options.model_dump(mode="json", exclude_unset=True)
         if options:
             entry["options"] = options
         return entry
@@ -114,12 +119,30 @@ class SurgeryPass(Generic[OptionsT]):
         if fields:
             lines += ["", "Options:"]
             for key, field in fields.items():
-                annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-                default = "required" if field.is_required() else f"default {field.default!r}"
-                lines.append(f"  {key} ({annotation}, {default})")
+                default = (
+                    "required"
+                    if field.is_required()
+                    else f"default {field.get_default(call_default_factory=True)!r}"
+                )
+                lines.append(f"  {key} ({_type_name(field.annotation)}, {default})")
                 if field.description:
                     lines.append(f"      {field.description}")
         return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    """An option's type as a user reads it: ``'io' | 'all'``, ``list[str]``, ``bool | None``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None and args:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", None) or str(annotation)
 
 
 class ModelPass(SurgeryPass[OptionsT], ir.passes.InPlacePass):

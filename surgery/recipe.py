@@ -478,10 +478,10 @@ def find_recipe(name_or_path: str | os.PathLike[str]) -> Path:
     shipped = _shipped_recipes()
     if path.suffix == "" and str(name_or_path) in shipped:
         return Path(str(shipped[str(name_or_path)]))
-    raise SurgeryError(
-        f"{name_or_path}: no such recipe file"
-        + (f"; shipped recipes: {', '.join(sorted(shipped))}" if shipped else "")
-    )
+    nearest = difflib.get_close_matches(path.stem, shipped, n=1)
+    hint = f" did you mean '{nearest[0]}'?" if nearest and path.parent == Path() else ""
+    listing = f"{hint} shipped recipes: {', '.join(sorted(shipped))}" if shipped else ""
+    raise SurgeryError(f"{name_or_path}: no such recipe file" + (f";{listing}" if listing else ""))
 
 
 def load_recipe(name_or_path: str | os.PathLike[str], *, imports: Imports = "refuse") -> Recipe:

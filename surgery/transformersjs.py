@@ -25,7 +25,7 @@ from typing import Any
 import pydantic
 
 from surgery.bundle import Bundle
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, hub_id_hint
 from surgery.jsonfile import read_json_object
 from surgery.writer import Layout, LayoutOptions, register_layout
 
@@ -82,6 +82,8 @@ class TransformersJsLayout(Layout):
                     "from; pass --checkpoint DIR (the Hugging Face folder)"
                 )
             found = Path(recorded[0])
+        if not found.exists():
+            raise SurgeryError(f"{found}: checkpoint folder does not exist{hub_id_hint(found)}")
         if not (found / "config.json").is_file():
             raise SurgeryError(
                 f"{found}: no config.json in the checkpoint folder the transformers.js layout "

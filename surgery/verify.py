@@ -288,9 +288,15 @@ def verify(
     Cases: the first prompt alone (batch 1), then every prompt together (a left-padded batch)
     when there are several. Returns whether all cases match, and the report.
     """
+    from surgery.export import check_checkpoint
+
     target, checkpoint = Path(target), Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise SurgeryError(f"{checkpoint}: not a checkpoint folder (no config.json)")
+    if not target.exists():
+        raise SurgeryError(
+            f"{target}: does not exist; give a Transformers.js folder (surgery apply ... -o DIR) "
+            "or an exported .onnx file"
+        )
+    check_checkpoint(checkpoint)  # before PyTorch loads it: a clear line, not a traceback
     runner: _Runner = (
         MonolithicRunner(target, checkpoint)
         if target.suffix == ".onnx"

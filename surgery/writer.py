@@ -280,7 +280,7 @@ class Layout:
 
     def describe(self) -> str | dict[str, Any]:
         """This layout as a recipe's ``layout:`` value."""
-        options = self.options.model_dump(mode="json", exclude_defaults=True)
+        options = self.options.model_dump(mode="json", exclude_unset=True)  # as written
         return {"name": self.name, **options} if options else self.name
 
 

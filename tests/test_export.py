@@ -286,7 +286,7 @@ def _corrupt_copy(checkpoint: Path, tmp_path: Path, damage: str) -> Path:
 
 
 BAD_INPUTS = {
-    "missing folder": (lambda tmp, ck: tmp / "does-not-exist", "checkpoint folder not found"),
+    "missing folder": (lambda tmp, ck: tmp / "does-not-exist", "checkpoint folder does not exist"),
     "no config.json": (lambda tmp, ck: _no_config(tmp), "no config.json"),
     "unsupported architecture": (
         lambda tmp, ck: _unsupported(tmp),
