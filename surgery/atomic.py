@@ -95,6 +95,8 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         try:
             os.rename(src, dst)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.rmdir(dst)  # our claim, unless someone wrote into it meanwhile
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise FileExistsError(exc.errno, "appeared meanwhile", str(dst)) from None
             raise
