@@ -420,7 +420,8 @@ def make_random_checkpoint(
     )
     shards = _plan_shards(specs, itemsize)
     dest = Path(out_dir)
-    with atomic_dir(dest, force=force) as tmp:
+    preset = os.fspath(preset_or_config) in PRESETS
+    with atomic_dir(dest, force=force, inputs=[] if preset else [preset_or_config]) as tmp:
         _write_side_files(tmp, config, dtype)
         names = (
             ["model.safetensors"]

@@ -2,7 +2,7 @@
 
 Exit codes follow pre-commit's ``error_handler``: 0 success; 1 a problem with the input that the
 user can fix (one clear line on stderr, no traceback); 3 a bug (traceback written to a log file,
-or printed with ``--debug``); 130 interrupted with Ctrl-C.
+or printed with ``--debug``); 130 interrupted with Ctrl-C; 143 terminated with SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,14 +11,20 @@ import argparse
 import datetime
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from surgery.atomic import environment_error
 from surgery.errors import SurgeryError
+
+if typing.TYPE_CHECKING:
+    from surgery.bundle import Bundle
 
 __all__ = ["main"]
 
@@ -31,6 +37,25 @@ examples:
   surgery inspect out/model.onnx
   surgery passes optimize                       what a pass does and its options
 """
+
+
+def _apply_inputs(args: argparse.Namespace, recipe: str, bundle: Bundle) -> list[Path]:
+    """Every path `apply` reads: the recipe, the model(s), their data files, the checkpoint."""
+    import onnx_ir as ir
+
+    from surgery.io import iter_tensors
+    from surgery.transformersjs import CHECKPOINT_METADATA_KEY
+
+    paths = [Path(recipe), Path(args.model)]
+    if args.checkpoint:
+        paths.append(Path(args.checkpoint))
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    for model in bundle.values():
+        paths += [Path(t.path) for _, t in iter_tensors(model) if isinstance(t, ir.ExternalTensor)]
+        if CHECKPOINT_METADATA_KEY in model.metadata_props:
+            recorded = model.metadata_props[CHECKPOINT_METADATA_KEY]
+            paths += [Path(recorded), model_dir / recorded]
+    return paths
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -46,10 +71,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.print:
         print(recipe.to_yaml(), end="")
     out = check_destination(args.output, force=args.force)
-    model_path = Path(args.model).resolve()
-    if model_path.is_relative_to(out.resolve()):
-        raise SurgeryError(f"{out}: output folder holds the input model; choose another folder")
     bundle = load(args.model)
+    inputs = _apply_inputs(args, recipe.source, bundle)
+    check_destination(out, force=args.force, inputs=inputs)
     instruments: list[Instrument] = []
     if not args.quiet:
         instruments.append(ProgressLog(len(recipe.steps)))
@@ -355,8 +379,40 @@ _EXTRA_FOR = {
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that cleanup runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    terminated = isinstance(exc, _Terminated)
+    print(f"surgery: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
+    # First, before any heavy import: SIGTERM then ends a run as Ctrl-C does (cleanup runs).
+    # An inherited "ignore" (nohup) is kept; the previous handler is restored for callers.
+    install = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
+    if install:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt as exc:  # while parsing arguments
+        return _interrupted(exc)
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:  # a bare `surgery` asks what it can do: help, exit 0 (as pip)
@@ -376,9 +432,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurgeryError as exc:
         print(f"surgery: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("surgery: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except OSError as exc:
+        error = environment_error(exc)
+        if error is None:
+            _report_bug(exc, args.debug)
+            return 3
+        print(f"surgery: error: {error}", file=sys.stderr)
+        return 1
     except Exception as exc:
         _report_bug(exc, args.debug)
         return 3

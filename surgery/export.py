@@ -489,7 +489,7 @@ def export_checkpoint(
     stage = _Stages(progress)
     checkpoint = Path(checkpoint)
     raw, entries = check_checkpoint(checkpoint)
-    output = check_destination(output, force=force)
+    output = check_destination(output, force=force, inputs=[checkpoint])
     stage(
         f"checkpoint {checkpoint}: {raw['architectures'][0]} ({raw['text_config']['model_type']}), "
         f"{len(entries)} tensors"
@@ -521,7 +521,7 @@ def export_checkpoint(
     optimizer.optimize_ir(onnx_model, should_fold=_small_inputs_only)
     _tidy_interface(onnx_model, num_layers, checkpoint)
     stage(f"optimized: {sum(1 for _ in onnx_model.graph)} nodes; writing {output}")
-    with atomic_files(output, force=force) as tmp:
+    with atomic_files(output, force=force, inputs=[checkpoint]) as tmp:
         _save(onnx_model, tmp / output.name, progress)
     stage(f"done: {output} + {output.name}.data")
     return output
