@@ -139,6 +139,7 @@ def test_a_rerun_into_the_same_dump_dir_needs_force(
     failing.write_text("passes:\n  - remove-unused\n  - use: mistake:Mistake\n")
     out, dumps = tmp_path / "out", tmp_path / "dumps"
     args = ["apply", str(failing), str(model_path), "-o", str(out), "--dump-dir", str(dumps), "-q"]
+    args.append("--allow-imports")  # the recipe's `use:` runs the test's own module
     assert main(args) == 1
     assert sorted(p.name for p in dumps.iterdir()) == [
         "00-input",
