@@ -14,7 +14,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 
-__all__ = ["atomic_dir", "atomic_files", "check_destination"]
+__all__ = ["atomic_dir", "atomic_files", "check_destination", "check_folder_creatable"]
 
 
 def check_destination(dest: str | os.PathLike[str], *, force: bool) -> Path:
@@ -87,3 +87,23 @@ def atomic_files(dest: str | os.PathLike[str], *, force: bool = False) -> Iterat
             os.replace(path, dest.parent / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_folder_creatable(path: str | os.PathLike[str], *, what: str) -> Path:
+    """Return ``path``, refusing one that is a file or that cannot be created (checked, not made).
+
+    Args:
+        path: A folder that may exist, or be created later with its missing parents.
+        what: How the message names it, e.g. ``--dump-dir``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SurgeryError(f"{path}: {what} is a file, not a folder; give a folder")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SurgeryError(f"{path}: cannot create {what}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SurgeryError(f"{path}: cannot write {what}: {ancestor} is not writable")
+    return path

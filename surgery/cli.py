@@ -33,7 +33,7 @@ examples:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from surgery.atomic import check_destination
+    from surgery.atomic import check_destination, check_folder_creatable
     from surgery.instruments import DumpAfterPass, ProgressLog, TimePasses, VerifyEach
     from surgery.io import load
     from surgery.manager import Instrument
@@ -48,6 +48,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     model_path = Path(args.model).resolve()
     if model_path.is_relative_to(out.resolve()):
         raise SurgeryError(f"{out}: output folder holds the input model; choose another folder")
+    if args.dump_dir:
+        check_folder_creatable(args.dump_dir, what="--dump-dir")
     bundle = load(args.model)
     instruments: list[Instrument] = []
     if not args.quiet:
@@ -66,6 +68,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 f"writes the '{layout.name}' layout"
             )
         layout.checkpoint = Path(args.checkpoint)
+    layout.prepare(bundle)  # everything checkable from files and configs, before the first pass
     recipe.manager(instruments).run(bundle)
     save(bundle, out, layout=layout, force=args.force, progress=not args.quiet)
     print(f"wrote {out}")
