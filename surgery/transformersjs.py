@@ -59,8 +59,6 @@ def checkpoint_reference(checkpoint: Path, model_folder: Path) -> str:
     return str(checkpoint)
 
 
-
-
 class _Options(LayoutOptions):
     max_chunk_bytes: int = pydantic.Field(
         default=2_000_000_000, gt=0, description="size limit of one external-data chunk"
