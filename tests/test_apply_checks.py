@@ -72,6 +72,24 @@ def test_layout_without_a_checkpoint_fails_before_the_first_pass(
     assert not (tmp_path / "out").exists()
 
 
+def test_recorded_absolute_checkpoint_that_is_gone_fails_before_the_first_pass(
+    synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from surgery.io import load_model
+    from surgery.writer import save_model
+
+    model = load_model(synthetic)
+    gone = tmp_path / "gone" / "checkpoint"
+    model.metadata_props["onnx_surgery.checkpoint"] = str(gone)
+    save_model(model, tmp_path / "recorded.onnx")
+    got = _refusal(capsys, "paligemma2", tmp_path / "recorded.onnx", "-o", tmp_path / "out")
+    assert got == (
+        f"transformers.js layout: the model records its checkpoint folder as '{gone}', which "
+        "does not exist; pass --checkpoint DIR (the Hugging Face folder the model was exported "
+        "from)"
+    )
+
+
 @pytest.mark.parametrize(
     ("without", "message"),
     [
