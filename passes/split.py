@@ -282,6 +282,7 @@ def _make_part(model: ir.Model, graph: ir.Graph, name: str) -> ir.Model:
         functions=[f.clone() for f in model.functions.values()],
     )
     part.metadata_props.update(model.metadata_props)
+    part.meta.update(model.meta)  # in-memory facts, e.g. the folder the model was loaded from
     ir.passes.common.RemoveUnusedFunctionsPass()(part)
     return unshare(part)
 

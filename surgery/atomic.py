@@ -50,7 +50,13 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 
-__all__ = ["atomic_dir", "atomic_files", "check_destination", "environment_error"]
+__all__ = [
+    "atomic_dir",
+    "atomic_files",
+    "check_destination",
+    "check_folder_creatable",
+    "environment_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -405,3 +411,23 @@ def atomic_files(
                     target.unlink()  # ours, and it did not replace anything
             raise
         _fsync(str(dest.parent), os.O_RDONLY | os.O_DIRECTORY)
+
+
+def check_folder_creatable(path: str | os.PathLike[str], *, what: str) -> Path:
+    """Return ``path``, refusing one that is a file or that cannot be created (checked, not made).
+
+    Args:
+        path: A folder that may exist, or be created later with its missing parents.
+        what: How the message names it, e.g. ``--dump-dir``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SurgeryError(f"{path}: {what} is a file, not a folder; give a folder")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SurgeryError(f"{path}: cannot create {what}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SurgeryError(f"{path}: cannot write {what}: {ancestor} is not writable")
+    return path

@@ -59,7 +59,7 @@ def _apply_inputs(args: argparse.Namespace, recipe: str, bundle: Bundle) -> list
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from surgery.atomic import check_destination
+    from surgery.atomic import check_destination, check_folder_creatable
     from surgery.instruments import DumpAfterPass, ProgressLog, TimePasses, VerifyEach
     from surgery.io import load
     from surgery.manager import Instrument
@@ -71,6 +71,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.print:
         print(recipe.to_yaml(), end="")
     out = check_destination(args.output, force=args.force)
+    if args.dump_dir:
+        check_folder_creatable(args.dump_dir, what="--dump-dir")
     bundle = load(args.model)
     inputs = _apply_inputs(args, recipe.source, bundle)
     check_destination(out, force=args.force, inputs=inputs)
@@ -98,6 +100,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 f"writes the '{layout.name}' layout"
             )
         layout.checkpoint = Path(args.checkpoint)
+    layout.prepare(bundle)  # everything checkable from files and configs, before the first pass
     recipe.manager(instruments).run(bundle)
     save(bundle, out, layout=layout, force=args.force, progress=not args.quiet)
     print(f"wrote {out}")

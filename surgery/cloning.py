@@ -39,5 +39,10 @@ def unshare(model: ir.Model) -> ir.Model:
 
 
 def clone_model(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` with new graphs, nodes, values, types and shapes; tensors shared."""
-    return unshare(model.clone())
+    """A copy of ``model`` with new graphs, nodes, values, types and shapes; tensors shared.
+
+    The in-memory ``meta`` (e.g. the folder the model was loaded from) comes along too.
+    """
+    copy = unshare(model.clone())
+    copy.meta.update(model.meta)
+    return copy

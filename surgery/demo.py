@@ -40,6 +40,7 @@ def run_demo(output: str | Path, *, force: bool = False) -> int:
         _stage(f"3/5 surgery apply {RECIPE} → {output / 'out'}")
         recipe = load_recipe(RECIPE)
         bundle = load(model)
+        recipe.layout.prepare(bundle)
         recipe.manager().run(bundle)
         save(bundle, work / "out", layout=recipe.layout)
         _stage("4/5 inspect")

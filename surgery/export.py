@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from surgery.atomic import atomic_files, check_destination
 from surgery.errors import SurgeryError, hub_id_hint
 from surgery.jsonfile import read_json_object
-from surgery.transformersjs import CHECKPOINT_METADATA_KEY
+from surgery.transformersjs import CHECKPOINT_METADATA_KEY, checkpoint_reference
 
 if TYPE_CHECKING:
     from surgery.export_weights import SafetensorsEntry
@@ -419,9 +419,10 @@ def _trace(model: Any) -> Any:
     return program.model
 
 
-def _tidy_interface(model: Any, num_layers: int, checkpoint: Path) -> None:
+def _tidy_interface(model: Any, num_layers: int, checkpoint: Path, output: Path) -> None:
     """Name the presents' length axis ``total_sequence_length`` (the exporter writes a sum), and
-    record the checkpoint folder for layouts that copy its configs and tokenizer."""
+    record the checkpoint folder for layouts that copy its configs and tokenizer (relative to
+    the final ``output``'s folder when it lies inside it, see :func:`checkpoint_reference`)."""
     import onnx_ir as ir
 
     for value in model.graph.outputs:
@@ -431,7 +432,7 @@ def _tidy_interface(model: Any, num_layers: int, checkpoint: Path) -> None:
             value.shape = ir.Shape(dims)
     model.producer_name = "onnx-surgery"
     model.metadata_props["onnx_surgery.num_layers"] = str(num_layers)
-    model.metadata_props[CHECKPOINT_METADATA_KEY] = str(checkpoint.resolve())
+    model.metadata_props[CHECKPOINT_METADATA_KEY] = checkpoint_reference(checkpoint, output.parent)
 
 
 def _save(model: Any, path: Path, progress: bool) -> None:
@@ -519,7 +520,7 @@ def export_checkpoint(
     # weight, which it would otherwise materialize in memory (~10 GB for a 3B model).
     FoldTransposes()(onnx_model)
     optimizer.optimize_ir(onnx_model, should_fold=_small_inputs_only)
-    _tidy_interface(onnx_model, num_layers, checkpoint)
+    _tidy_interface(onnx_model, num_layers, checkpoint, output)
     stage(f"optimized: {sum(1 for _ in onnx_model.graph)} nodes; writing {output}")
     with atomic_files(output, force=force, inputs=[checkpoint]) as tmp:
         _save(onnx_model, tmp / output.name, progress)

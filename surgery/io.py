@@ -24,9 +24,13 @@ from google.protobuf.message import DecodeError
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
 
-__all__ = ["iter_tensors", "load", "load_model"]
+__all__ = ["SOURCE_DIR", "iter_tensors", "load", "load_model"]
 
 logger = logging.getLogger(__name__)
+
+#: Key in ``model.meta`` (not saved): the absolute folder the model was loaded from, against
+#: which paths recorded relative to the model file resolve.
+SOURCE_DIR = "surgery.source_dir"
 
 
 def iter_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
@@ -94,6 +98,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     del proto
     ir.external_data.set_base_dir(model.graph, path.parent.absolute())
     _check_external_data(model, path)
+    model.meta[SOURCE_DIR] = str(path.parent.absolute())
     return model
 
 

@@ -12,12 +12,20 @@ What Transformers.js 4.x reads, from its sources (``utils/model-loader.js``, ``c
   ``tokenizer_config.json`` from the checkpoint.
 
 The checkpoint folder is found in the models' metadata (``onnx_surgery.checkpoint``, written by
-``surgery export``) unless given explicitly (``surgery apply --checkpoint``).
+``surgery export``) unless given explicitly (``surgery apply --checkpoint``). A checkpoint inside
+the model's folder is recorded relative to that folder, so the two can move together (the demo
+builds both in a temporary folder that is renamed at the end); a relative value is resolved
+against the folder the model was loaded from (:data:`surgery.io.SOURCE_DIR`), and an absolute one
+is used as is. Everything the layout reads from the checkpoint is read and checked by
+:meth:`TransformersJsLayout.prepare`, before the first pass runs (see :mod:`surgery.hf_files`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,20 +34,46 @@ import pydantic
 
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError, hub_id_hint
+from surgery.hf_files import read_image_processor, read_model_config, tokenizer_files
+from surgery.io import SOURCE_DIR
 from surgery.jsonfile import read_json_object
 from surgery.writer import Layout, LayoutOptions, register_layout
 
-__all__ = ["CHECKPOINT_METADATA_KEY", "TransformersJsLayout"]
+__all__ = ["CHECKPOINT_METADATA_KEY", "TransformersJsLayout", "checkpoint_reference"]
 
 #: Model metadata key under which ``surgery export`` records the checkpoint folder.
 CHECKPOINT_METADATA_KEY = "onnx_surgery.checkpoint"
-_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: Transformers.js picks PaliGemma's processor by this key of ``preprocessor_config.json``.
+_PROCESSOR_CLASS = "PaliGemmaProcessor"
+
+
+def checkpoint_reference(checkpoint: Path, model_folder: Path) -> str:
+    """The metadata value that records ``checkpoint`` for a model file kept in ``model_folder``.
+
+    Relative (POSIX separators) when the checkpoint lies inside the model's folder, so both can
+    move together; absolute otherwise, so the model alone can move.
+    """
+    checkpoint, model_folder = checkpoint.resolve(), model_folder.resolve()
+    if checkpoint.is_relative_to(model_folder):
+        return checkpoint.relative_to(model_folder).as_posix()
+    return str(checkpoint)
 
 
 class _Options(LayoutOptions):
     max_chunk_bytes: int = pydantic.Field(
         default=2_000_000_000, gt=0, description="size limit of one external-data chunk"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sources:
+    """What the layout copies from the checkpoint, read and checked by ``prepare``."""
+
+    checkpoint: Path
+    config: dict[str, Any]
+    preprocessor: dict[str, Any]
+    generation: dict[str, Any] | None
+    tokenizer_files: list[str]
 
 
 @register_layout
@@ -53,6 +87,7 @@ class TransformersJsLayout(Layout):
         super().__init__(options, **kwargs)
         #: The Hugging Face checkpoint folder; None: read from the models' metadata.
         self.checkpoint: Path | None = None
+        self._prepared: tuple[Bundle, _Sources] | None = None
 
     @property
     def max_chunk_bytes(self) -> int | None:
@@ -68,22 +103,27 @@ class TransformersJsLayout(Layout):
     def _find_checkpoint(self, bundle: Bundle) -> Path:
         if self.checkpoint is not None:
             found = self.checkpoint
+            if not found.is_dir():
+                hint = hub_id_hint(found) or (
+                    "; give the Hugging Face checkpoint folder the model was exported from"
+                )
+                raise SurgeryError(f"{found}: --checkpoint folder does not exist{hint}")
         else:
-            recorded = sorted(
-                {
-                    m.metadata_props[CHECKPOINT_METADATA_KEY]
-                    for m in bundle.values()
-                    if CHECKPOINT_METADATA_KEY in m.metadata_props
-                }
-            )
+            recorded = _recorded_checkpoints(bundle)
             if not recorded:
                 raise SurgeryError(
                     "transformers.js layout: the models do not say which checkpoint they came "
                     "from; pass --checkpoint DIR (the Hugging Face folder)"
                 )
-            found = Path(recorded[0])
-        if not found.exists():
-            raise SurgeryError(f"{found}: checkpoint folder does not exist{hub_id_hint(found)}")
+            value, resolved = recorded[0]
+            found = Path(resolved)
+            if not found.is_dir():
+                where = "" if value == resolved else f" (resolved to {found})"
+                raise SurgeryError(
+                    f"transformers.js layout: the model records its checkpoint folder as "
+                    f"'{value}'{where}, which does not exist; pass --checkpoint DIR (the Hugging "
+                    "Face folder the model was exported from)"
+                )
         if not (found / "config.json").is_file():
             raise SurgeryError(
                 f"{found}: no config.json in the checkpoint folder the transformers.js layout "
@@ -91,9 +131,31 @@ class TransformersJsLayout(Layout):
             )
         return found
 
-    def finish(self, out_dir: Path, bundle: Bundle, chunks: dict[str, list[str]]) -> None:
+    def prepare(self, bundle: Bundle) -> None:
+        """Find the checkpoint and read, check and keep everything ``finish`` copies from it.
+
+        Call it on the bundle as loaded (``surgery apply`` does, before the first pass), so a
+        relative checkpoint path resolves against the model's folder; again on the same bundle
+        object it does nothing.
+        """
+        if self._prepared is not None and self._prepared[0] is bundle:
+            return
         checkpoint = self._find_checkpoint(bundle)
-        config = _model_config(checkpoint)
+        generation = checkpoint / "generation_config.json"
+        sources = _Sources(
+            checkpoint=checkpoint,
+            config=read_model_config(checkpoint),
+            preprocessor=read_image_processor(checkpoint),
+            generation=read_json_object(generation) if generation.is_file() else None,
+            tokenizer_files=tokenizer_files(checkpoint),
+        )
+        self._prepared = (bundle, sources)
+
+    def finish(self, out_dir: Path, bundle: Bundle, chunks: dict[str, list[str]]) -> None:
+        self.prepare(bundle)
+        assert self._prepared is not None
+        sources = self._prepared[1]
+        config = copy.deepcopy(sources.config)
         config["transformers.js_config"] = {
             "use_external_data_format": {
                 Path(self.model_file(part)).name: len(files)
@@ -102,46 +164,38 @@ class TransformersJsLayout(Layout):
             },
         }
         _write_json(out_dir / "config.json", config)
-        preprocessor = read_json_object(
-            checkpoint / "preprocessor_config.json", fix="the checkpoint folder is incomplete"
-        )
+        preprocessor = dict(sources.preprocessor)
         preprocessor.setdefault("image_seq_length", _image_tokens(config))
+        preprocessor.setdefault("processor_class", _PROCESSOR_CLASS)
         _write_json(out_dir / "preprocessor_config.json", preprocessor)
-        _write_json(out_dir / "generation_config.json", _generation_config(checkpoint, config))
-        for name in _COPIED:
-            if (checkpoint / name).is_file():
-                shutil.copyfile(checkpoint / name, out_dir / name)
-            elif name != "special_tokens_map.json":
-                raise SurgeryError(f"{checkpoint}: no {name}; Transformers.js needs it")
+        generation = sources.generation
+        if generation is None:
+            text = config["text_config"]
+            generation = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        _write_json(out_dir / "generation_config.json", generation)
+        for name in sources.tokenizer_files:
+            shutil.copyfile(sources.checkpoint / name, out_dir / name)
+
+
+def _recorded_checkpoints(bundle: Bundle) -> list[tuple[str, str]]:
+    """Each distinct (recorded value, resolved path) of the parts' checkpoint metadata, sorted.
+
+    A relative value is resolved against the folder its part was loaded from (relative to the
+    working folder for a part built in memory).
+    """
+    found = set()
+    for model in bundle.values():
+        value = model.metadata_props.get(CHECKPOINT_METADATA_KEY)
+        if value is not None:
+            resolved = os.path.normpath(os.path.join(model.meta.get(SOURCE_DIR, ""), value))
+            found.add((value, resolved))
+    return sorted(found)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _model_config(checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint's config with the fields Transformers.js needs made explicit."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(checkpoint).to_dict()
-    text = config["text_config"]
-    text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
-    text.setdefault("num_key_value_heads", text["num_attention_heads"])
-    image_token = config.get("image_token_index", config.get("image_token_id"))
-    config["image_token_index"] = config["image_token_id"] = image_token
-    return config
-
-
 def _image_tokens(config: dict[str, Any]) -> int:
     vision = config["vision_config"]
     return int((vision["image_size"] // vision["patch_size"]) ** 2)
-
-
-def _generation_config(checkpoint: Path, config: dict[str, Any]) -> dict[str, Any]:
-    path = checkpoint / "generation_config.json"
-    if path.is_file():
-        return read_json_object(path)
-    text = config["text_config"]
-    return {
-        key: text[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in text
-    }

@@ -275,6 +275,14 @@ class Layout:
         """The name of the part's ``chunk``-th data file, beside its model file."""
         raise NotImplementedError
 
+    def prepare(self, bundle: Bundle) -> None:
+        """Check, before any work, that this layout can be written for ``bundle``.
+
+        Everything checkable from names, files and configs (the files ``finish`` copies, say)
+        fails here with a :class:`SurgeryError`: ``surgery apply`` calls it before the first
+        pass, :func:`save` before the first weight.
+        """
+
     def finish(self, out_dir: Path, bundle: Bundle, chunks: dict[str, list[str]]) -> None:
         """Write what goes beside the models (configs); ``chunks`` maps part → data files."""
 
@@ -344,6 +352,7 @@ def save(
     failure nothing is left behind and an existing ``out_dir`` is kept.
     """
     layout = get_layout(layout)
+    layout.prepare(bundle)
     total = sum(external_bytes(m) for m in bundle.values())
     with (
         atomic_dir(out_dir, force=force) as tmp,

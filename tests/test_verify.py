@@ -58,4 +58,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
     assert "demo: greedy tokens identical to PyTorch" in capsys.readouterr().out
     assert (tmp_path / "demo" / "checkpoint" / "config.json").is_file()
+    # The next step a user takes: the demo's model still finds its checkpoint, the temporary
+    # folder it was built in being gone.
+    model = tmp_path / "demo" / "model.onnx"
+    assert load(model)["model"].metadata_props["onnx_surgery.checkpoint"] == "checkpoint"
+    assert main(["apply", "paligemma2", str(model), "-o", str(tmp_path / "again"), "-q"]) == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left"

@@ -240,7 +240,7 @@ def test_hub_id_gets_a_download_hint(
     recipe.write_text("layout: transformers.js\npasses: []\n")
     assert _error(
         capsys, "apply", recipe, model_path, "-o", "out", "-q", "--checkpoint", HUB_ID
-    ) == (missing)
+    ) == missing.replace(": checkpoint", ": --checkpoint")
     assert _error(capsys, "make-random", HUB_ID, "-o", "c").endswith(
         f"neither a preset nor a config.json; presets: tiny-paligemma, tiny-paligemma2, "
         "tiny-paligemma2-64px, tiny-paligemma2-window, paligemma2-1b-bench, "
