@@ -21,17 +21,20 @@ memory-map their bytes only when asked, so loading reads no weight. What this mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
@@ -44,7 +47,10 @@ logger = logging.getLogger(__name__)
 _NAME_CHARS = 80
 
 
-def _short(text: str) -> str:
+def _short(text: str | bytes) -> str:
+    """``text`` on one line, cut to :data:`_NAME_CHARS` (protobuf gives bytes for bad UTF-8)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
     text = text.replace("\n", " ")
     return text if len(text) <= _NAME_CHARS else text[: _NAME_CHARS - 1] + "…"
 
@@ -158,6 +164,48 @@ def _refuse_sparse(proto: onnx.ModelProto, path: Path) -> None:
         nodes(function.node, f"function '{_short(function.domain)}::{_short(function.name)}' ")
 
 
+def _refuse_bad_text(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse a string field that is not UTF-8 (protobuf hands it over as bytes, onnx_ir keeps
+    those as names, and writing them back fails): every name, type, domain and doc string."""
+    # Where each message sits is kept as (parent, field, index) links, spelt out only on error.
+    stack: list[tuple[Message, tuple[object, ...] | None]] = [(proto, None)]
+    while stack:
+        message, where = stack.pop()
+        if isinstance(message, onnx.TensorProto):  # skip the data: listing it copies it
+            by_name = message.DESCRIPTOR.fields_by_name
+            fields = [(by_name[name], getattr(message, name)) for name in _TENSOR_TEXT]
+        else:
+            fields = message.ListFields()
+        for field, value in fields:
+            if field.type == FieldDescriptor.TYPE_STRING:
+                for i, text in enumerate(value if field.is_repeated else [value]):
+                    if isinstance(text, bytes):
+                        spelt = _spell((where, field.name, i if field.is_repeated else None))
+                        raise SurgeryError(
+                            f"{path}: {spelt} is not valid UTF-8 ({_short(text)!r}); the model "
+                            "is corrupt"
+                        )
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                if field.is_repeated:
+                    stack.extend((item, (where, field.name, i)) for i, item in enumerate(value))
+                else:
+                    stack.append((value, (where, field.name, None)))
+
+
+def _spell(where: tuple[object, ...] | None) -> str:
+    """``(((None, 'graph', None), 'node', 3), 'input', 0)`` → ``model.graph.node[3].input[0]``."""
+    parts: list[str] = []
+    while where is not None:
+        parent, name, index = where
+        parts.append(f".{name}" + (f"[{index}]" if index is not None else ""))
+        where = parent  # type: ignore[assignment]
+    return "model" + "".join(reversed(parts))
+
+
+#: The text fields of a TensorProto (its data is never text).
+_TENSOR_TEXT = ("name", "doc_string", "external_data", "metadata_props")
+
+
 def _expected_bytes(tensor: ir.TensorProtocol) -> int | None:
     """Bytes the tensor's shape and dtype imply; None for strings (variable length)."""
     if tensor.dtype == ir.DataType.STRING:
@@ -243,15 +291,17 @@ def _data_file_size(location: str, where: str, path: Path) -> tuple[Path, int]:
             f"{path}: {where} has an external data location with a NUL byte "
             f"({_short(repr(location))}); the model is corrupt or hostile"
         )
-    target = (folder / location).resolve()
+    # The path exactly as readers open it (``a/`` or ``missing/../a`` do not name ``a``).
+    literal = os.path.join(path.parent.absolute(), location)
+    target = Path(os.path.realpath(literal))
     if os.path.isabs(location) or not target.is_relative_to(folder):
         raise SurgeryError(
             f"{path}: {where} points to external data '{_short(location)}' outside the model's "
             "folder; refusing to read it (keep data files beside the model)"
         )
     try:
-        info = target.stat()
-    except FileNotFoundError:
+        info = os.stat(literal)
+    except OSError:
         raise SurgeryError(
             f"{path}: {where} needs external data file '{_short(location)}', which does not "
             f"exist in {folder}; copy it beside the model"
@@ -321,10 +371,26 @@ def _check_tensors(model: ir.Model, path: Path) -> None:
             _check_inline(tensor, slot.where, path)
 
 
-def _check_acyclic(graph: ir.Graph | ir.Function, scope: str, path: Path) -> None:
-    """Refuse a graph whose nodes depend on each other in a cycle (subgraph captures count)."""
+def _check_graph(graph: ir.Graph | ir.Function, scope: str, path: Path) -> None:
+    """Refuse a graph that reads values nothing defines, or whose nodes depend on each other
+    in a cycle (values a subgraph captures count); subgraphs are checked too."""
     nodes = list(graph)
     members = {id(n) for n in nodes}
+    label = f"{scope}graph '{_short(graph.name or '')}'"
+    for user, values in [*((n.name or n.op_type, n.inputs) for n in nodes), (None, graph.outputs)]:
+        for value in values:
+            if value is None or value.producer() is not None:
+                continue
+            if value.is_graph_input() or value.is_initializer():
+                continue
+            name = _short(value.name or "")
+            what = (
+                f"node '{_short(user)}' reads '{name}', which is" if user else f"output '{name}' is"
+            )
+            raise SurgeryError(
+                f"{path}: {label}: {what} defined by no node, input or initializer; the model "
+                "is corrupt"
+            )
 
     def deps(node: ir.Node) -> Iterator[ir.Node]:
         values = list(node.inputs)
@@ -360,8 +426,7 @@ def _check_acyclic(graph: ir.Graph | ir.Function, scope: str, path: Path) -> Non
                 names = [_short(n.name or n.op_type) for n in cycle]
                 shown = " → ".join(names[:6]) + (" → …" if len(names) > 6 else "")
                 raise SurgeryError(
-                    f"{path}: {scope}graph '{_short(graph.name or '')}' has a cycle ({shown}); "
-                    "an ONNX graph must be acyclic"
+                    f"{path}: {label} has a cycle ({shown}); an ONNX graph must be acyclic"
                 )
             elif nxt is not None and id(nxt) not in state:
                 state[id(nxt)] = 1
@@ -374,9 +439,36 @@ def _check_acyclic(graph: ir.Graph | ir.Function, scope: str, path: Path) -> Non
                 [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else attr.as_graphs()
             )
             for subgraph in subgraphs:
-                _check_acyclic(
+                _check_graph(
                     subgraph, f"{scope}node '{_short(node.name or node.op_type)}' > ", path
                 )
+
+
+@contextlib.contextmanager
+def _held_warnings() -> Iterator[list[str]]:
+    """Hold onnx_ir's warnings (Python warnings and log records) while it deserializes.
+
+    A model the checks then refuse gets one error line, not the deserializer's notes first;
+    a model that loads gets the notes afterwards, as warnings of this module.
+    """
+    held: list[str] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record.getMessage())
+
+    source = logging.getLogger("onnx_ir")
+    handler, propagate = _Hold(), source.propagate
+    source.addHandler(handler)
+    source.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield held
+        held.extend(str(w.message) for w in caught)
+    finally:
+        source.removeHandler(handler)
+        source.propagate = propagate
 
 
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
@@ -394,9 +486,11 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         ) from None
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise SurgeryError(f"{path}: not an ONNX model (no graph or IR version found)")
+    _refuse_bad_text(proto, path)
     _refuse_sparse(proto, path)
     try:
-        model = ir.serde.deserialize_model(proto)
+        with _held_warnings() as held:
+            model = ir.serde.deserialize_model(proto)
     except Exception as exc:
         detail = _short(" ".join(f"{type(exc).__name__}: {exc}".split()))
         raise SurgeryError(
@@ -404,9 +498,11 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         ) from None
     del proto
     _check_tensors(model, path)
-    _check_acyclic(model.graph, "", path)
+    _check_graph(model.graph, "", path)
     for function in model.functions.values():
-        _check_acyclic(function, f"function '{_short(function.name)}' ", path)
+        _check_graph(function, f"function '{_short(function.name)}' ", path)
+    for message in held:
+        logger.warning("%s: %s", path, message)
     return model
 
 

@@ -91,3 +91,41 @@ def test_dedup_initializers_on_zero_size_tensors(model_path: Path, tmp_path: Pat
     written = onnx.load(dest / "m.onnx")
     zero = [t for t in written.graph.initializer if t.name in ("z1", "z2")]
     assert [list(t.dims) for t in zero] == [[0, 32]]  # merged into one
+
+
+def test_name_that_is_not_utf8(model_path: Path, tmp_path: Path) -> None:
+    """Protobuf hands such a string over as bytes; writing it back used to crash (exit 3)."""
+    data = model_path.read_bytes()
+    assert data.count(b"layer0.matmul_out") == 3  # MatMul output, Add input, value_info
+    model_path.write_bytes(data.replace(b"layer0.matmul_out", b"layer0.matm\xf5l_out"))
+    _refused(
+        model_path,
+        tmp_path,
+        "model.graph.value_info[8].name is not valid UTF-8 ('layer0.matm\ufffdl_out'); the "
+        "model is corrupt",
+    )
+
+
+def test_node_that_reads_a_missing_value(model_path: Path, tmp_path: Path) -> None:
+    """Was exit 0 with an output no runtime accepts (and onnx-ir's warning before it)."""
+
+    def change(model: onnx.ModelProto) -> None:
+        next(n for n in model.graph.node if n.name == "layer1.matmul").input[0] = "no_such_value"
+
+    edit(model_path, change)
+    _refused(
+        model_path,
+        tmp_path,
+        "graph 'synthetic': node 'layer1.matmul' reads 'no_such_value', which is defined by no "
+        "node, input or initializer; the model is corrupt",
+    )
+
+
+def test_graph_output_that_nothing_defines(model_path: Path, tmp_path: Path) -> None:
+    edit(model_path, lambda m: m.graph.output[0].__setattr__("name", "no_such_output"))
+    _refused(
+        model_path,
+        tmp_path,
+        "graph 'synthetic': output 'no_such_output' is defined by no node, input or "
+        "initializer; the model is corrupt",
+    )
