@@ -6,9 +6,10 @@ memory-map their bytes only when asked, so loading reads no weight. What this mo
 * validation before anything is read: a file that is not ONNX, a truncated protobuf, names that
   are not UTF-8, a graph that reads values nothing defines or has a cycle, and every tensor the
   model holds (:func:`tensor_slots`, the one walker: the main graph, model-local functions,
-  every nested subgraph, initializers, ``TENSOR`` and ``TENSORS`` attributes). External data must be a regular file inside the model's folder, with one hard
-  link, long enough, and declare the length its shape and dtype imply; inline data must hold
-  exactly that many bytes or elements. Anything else is refused, never opened: ONNX Runtime and
+  every nested subgraph, initializers, ``TENSOR`` and ``TENSORS`` attributes). External data
+  must be a regular file inside the model's folder, with one hard link, long enough, and
+  declare the length its shape and dtype imply; inline data must hold exactly that many bytes
+  or elements. Anything else is refused, never opened: ONNX Runtime and
   ``onnx.load`` refuse such models too, reading them would let a model file read arbitrary files
   (or block on a FIFO), and writing them would give an output that no tool reads back;
 * where onnx_ir falls short: it sets the base folder of external data only for the main graph
