@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import typing
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ import tqdm
 from surgery.atomic import atomic_dir
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
+from surgery.io import tensor_slots
 from surgery.lazy import computed_whole_when_written
 from surgery.summary import format_bytes
 
@@ -80,14 +82,6 @@ def _tensor(value: ir.Value) -> ir.TensorProtocol:
 def external_bytes(model: ir.Model) -> int:
     """Bytes the model's data files will hold (tensors above the inline limit)."""
     return sum(_tensor(v).nbytes for v in _external_values(model))
-
-
-def _small_external_values(model: ir.Model) -> Iterator[ir.Value]:
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= INLINE_LIMIT_BYTES:
-                yield value
 
 
 def _align(offset: int, nbytes: int) -> int:
@@ -203,7 +197,7 @@ def write_model(
     folder.mkdir(parents=True, exist_ok=True)
     placements = _plan(list(_external_values(model)), max_chunk_bytes, str(path.name))
     chunks = sorted({p.chunk for p in placements})
-    replaced: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    replaced: list[tuple[Callable[[ir.TensorProtocol], None], ir.TensorProtocol]] = []
     try:
         files: dict[int, typing.BinaryIO] = {}
         try:
@@ -214,13 +208,28 @@ def write_model(
                 data.seek(placement.offset)
                 _write_tensor(computed if computed is not None else placement.tensor, data)
                 del computed  # or it stays alive while the next one is computed
+                if data.tell() - placement.offset != placement.tensor.nbytes:  # last guard
+                    raise SurgeryError(
+                        f"{path.name}: tensor '{placement.value.name}' gave "
+                        f"{data.tell() - placement.offset} bytes, but its shape and dtype "
+                        f"need {placement.tensor.nbytes}; refusing to write a broken model"
+                    )
                 if progress is not None:
                     progress(placement.tensor)
         finally:
             for data in files.values():
                 data.close()
+        # Other external tensors (small initializers, attributes) become inline, as on any
+        # save: the output's data files hold only the placed ones.
+        placed = {id(p.tensor) for p in placements}
+        for slot in list(tensor_slots(model)):
+            if isinstance(slot.tensor, ir.ExternalTensor) and id(slot.tensor) not in placed:
+                replaced.append((slot.replace, slot.tensor))
+                slot.replace(ir.Tensor(slot.tensor.numpy(), name=slot.tensor.name))
         for placement in placements:
-            replaced.append((placement.value, placement.tensor))
+            replaced.append(
+                (functools.partial(setattr, placement.value, "const_value"), placement.tensor)
+            )
             placement.value.const_value = ir.ExternalTensor(
                 data_name(placement.chunk),
                 placement.offset,
@@ -230,15 +239,10 @@ def write_model(
                 name=placement.value.name or "",
                 base_dir=folder,
             )
-        # Small tensors that were external in the input become inline, as on any save.
-        for value in list(_small_external_values(model)):
-            assert value.const_value is not None
-            replaced.append((value, value.const_value))
-            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
         ir.save(model, path)
     finally:
-        for value, tensor in replaced:
-            value.const_value = tensor
+        for replace, tensor in reversed(replaced):
+            replace(tensor)
     return [data_name(chunk) for chunk in chunks]
 
 
