@@ -86,7 +86,7 @@ def run_demo(output: str | Path, *, force: bool = False) -> int:
             ok &= same
     except BaseException:
         print(
-            f"\ndemo: step {step} failed; what the earlier steps made is kept in {output}/: "
+            f"\ndemo: stopped in step {step}; what the earlier steps made is kept in {output}/: "
             f"{_kept(output)}",
             file=sys.stderr,
             flush=True,

@@ -129,7 +129,7 @@ def test_demo_keeps_what_it_finished_when_verification_fails(
     assert main(["demo", "-o", str(demo), "--force"]) == 3
     err = capsys.readouterr().err
     assert (
-        f"demo: step 5/5 verify failed; what the earlier steps made is kept in {demo}/: "
+        f"demo: stopped in step 5/5 verify; what the earlier steps made is kept in {demo}/: "
         "checkpoint/, model.onnx, out/\n"
         "surgery: internal error: ModuleNotFoundError: No module named 'PIL'\n"
     ) in err
