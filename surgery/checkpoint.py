@@ -409,7 +409,7 @@ def make_random_checkpoint(
     Raises:
         SurgeryError: Unknown preset, unreadable config, or an existing output without ``force``.
     """
-    from tqdm import tqdm
+    from surgery.progress import bar as progress_bar
 
     config, dtype = _load_config(preset_or_config)
     specs = _tensor_specs(config)
@@ -428,12 +428,8 @@ def make_random_checkpoint(
             if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        with tqdm(
-            total=total * itemsize,
-            unit="B",
-            unit_scale=True,
-            desc="writing weights",
-            disable=not progress,
+        with progress_bar(
+            total=total * itemsize, desc="writing weights", enabled=progress
         ) as bar:
             for name, shard in zip(names, shards, strict=True):
                 _write_safetensors(tmp / name, shard, dtype, seed, bar)

@@ -228,7 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="surgery",
         description="Export Hugging Face vision-language models to ONNX once, then reshape the "
-        "graph with named passes (split, cache renames, fusions, fp16, sharding).",
+        "graph with named passes (split, rename-io, fp16, split-large-tensors, ...; "
+        "`surgery passes` lists them).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

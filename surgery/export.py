@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 from surgery.atomic import atomic_files, check_destination
 from surgery.errors import SurgeryError, hub_id_hint
 from surgery.jsonfile import read_json_object
+from surgery.progress import bar as progress_bar
+from surgery.progress import spinner
 from surgery.transformersjs import CHECKPOINT_METADATA_KEY, checkpoint_reference
 
 if TYPE_CHECKING:
@@ -124,12 +126,18 @@ class _Stages:
         self.enabled = enabled
         self.start = time.perf_counter()
 
+    def _line(self, message: str) -> str:
+        return f"[{time.perf_counter() - self.start:6.1f}s] {message}"
+
     def __call__(self, message: str) -> None:
         logger.info("%s", message)
         if self.enabled:
-            print(
-                f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True
-            )
+            print(self._line(message), file=sys.stderr, flush=True)
+
+    def running(self, message: str) -> contextlib.AbstractContextManager[None]:
+        """A stage that is silent for long: a spinner on a terminal, else one stage line."""
+        logger.info("%s", message)
+        return spinner(self._line(message), enabled=self.enabled)
 
 
 #: Config fields the export builds shapes from: each must be a positive integer when present
@@ -437,17 +445,9 @@ def _tidy_interface(model: Any, num_layers: int, checkpoint: Path, output: Path)
 
 def _save(model: Any, path: Path, progress: bool) -> None:
     """Write ``path`` and ``path.name + '.data'``, with a byte progress bar."""
-    from tqdm import tqdm
-
     from surgery.writer import external_bytes, save_model
 
-    with tqdm(
-        total=external_bytes(model),
-        unit="B",
-        unit_scale=True,
-        desc="writing weights",
-        disable=not progress,
-    ) as bar:
+    with progress_bar(total=external_bytes(model), desc="writing weights", enabled=progress) as bar:
         save_model(model, path, progress=lambda tensor: bar.update(tensor.nbytes))
 
 
@@ -501,8 +501,8 @@ def export_checkpoint(
     model_keys = _checkpoint_keys(model, list(entries))
     _check_weights_present(model, model_keys, checkpoint)
     key_for = {f"model.{name}": key for name, key in model_keys.items()}
-    stage("tracing with torch.onnx.export(dynamo=True), weights on the meta device")
-    onnx_model = _trace(model)
+    with stage.running("tracing with torch.onnx.export(dynamo=True), weights on the meta device"):
+        onnx_model = _trace(model)
     stage(
         f"traced: {sum(1 for _ in onnx_model.graph)} nodes, "
         f"{len(onnx_model.graph.initializers)} initializers"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import tqdm
 
+from surgery.progress import bar
 from surgery.writer import external_bytes, save_model
 
 __all__ = ["write_synthetic_model"]
@@ -94,8 +94,6 @@ def write_synthetic_model(
     )
     model = ir.Model(graph, ir_version=10, producer_name="onnx-surgery synthetic")
     total = external_bytes(model)
-    with tqdm.tqdm(
-        total=total, unit="B", unit_scale=True, desc="synthetic", disable=not progress
-    ) as bar:
-        save_model(model, path, progress=lambda tensor: bar.update(tensor.nbytes))
+    with bar(total=total, desc="synthetic", enabled=progress) as progress_bar:
+        save_model(model, path, progress=lambda tensor: progress_bar.update(tensor.nbytes))
     return path

@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from surgery.errors import SurgeryError
+from surgery.progress import silence_transformers
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -90,6 +91,7 @@ def processor_inputs(
 def _torch_model(checkpoint: Path) -> Any:
     from transformers import PaliGemmaForConditionalGeneration
 
+    silence_transformers()  # its "Loading weights" bar would land in the middle of our report
     return PaliGemmaForConditionalGeneration.from_pretrained(
         checkpoint, attn_implementation="eager"
     ).eval()

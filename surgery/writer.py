@@ -26,13 +26,13 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 import pydantic
-import tqdm
 
 from surgery.atomic import atomic_dir
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
 from surgery.io import tensor_slots
 from surgery.lazy import computed_whole_when_written
+from surgery.progress import bar as progress_bar
 from surgery.summary import format_bytes
 
 __all__ = [
@@ -360,9 +360,7 @@ def save(
     total = sum(external_bytes(m) for m in bundle.values())
     with (
         atomic_dir(out_dir, force=force) as tmp,
-        tqdm.tqdm(
-            total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress
-        ) as bar,
+        progress_bar(total=total, desc="writing weights", enabled=progress) as bar,
     ):
         chunks: dict[str, list[str]] = {}
         for part, model in bundle.items():
