@@ -399,15 +399,9 @@ def _check_graph(graph: ir.Graph | ir.Function, scope: str, path: Path) -> None:
 
     def deps(node: ir.Node) -> Iterator[ir.Node]:
         values = list(node.inputs)
-        for attr in node.attributes.values():
-            if attr.is_ref() or attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                continue
-            subgraphs = (
-                [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else attr.as_graphs()
-            )
-            for subgraph in subgraphs:
-                for inner in ir.traversal.RecursiveGraphIterator(subgraph):
-                    values.extend(inner.inputs)
+        for subgraph in _subgraphs(node):
+            for inner in ir.traversal.RecursiveGraphIterator(subgraph):
+                values.extend(inner.inputs)
         for value in values:
             producer = value.producer() if value is not None else None
             if producer is not None and id(producer) in members:
@@ -437,16 +431,19 @@ def _check_graph(graph: ir.Graph | ir.Function, scope: str, path: Path) -> None:
                 state[id(nxt)] = 1
                 stack.append((nxt, iter(list(deps(nxt)))))
     for node in nodes:
-        for attr in node.attributes.values():
-            if attr.is_ref() or attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                continue
-            subgraphs = (
-                [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else attr.as_graphs()
-            )
-            for subgraph in subgraphs:
-                _check_graph(
-                    subgraph, f"{scope}node '{_short(node.name or node.op_type)}' > ", path
-                )
+        for subgraph in _subgraphs(node):
+            _check_graph(subgraph, f"{scope}node '{_short(node.name or node.op_type)}' > ", path)
+
+
+def _subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    """The graphs held by ``node``'s GRAPH and GRAPHS attributes (references skipped)."""
+    for attr in node.attributes.values():
+        if attr.is_ref():
+            continue
+        if attr.type == ir.AttributeType.GRAPH:
+            yield attr.as_graph()
+        elif attr.type == ir.AttributeType.GRAPHS:
+            yield from attr.as_graphs()
 
 
 @contextlib.contextmanager
