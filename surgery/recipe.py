@@ -41,10 +41,10 @@ import yaml
 
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError, clip, show
+from surgery.layout import Layout, get_layout, layout_class
 from surgery.manager import PassManager, Step
 from surgery.pass_infra import BundlePass, BundlePassResult, SurgeryPass
 from surgery.registry import all_passes, check_import_path, get_pass, import_pass
-from surgery.writer import Layout, get_layout, layout_class
 
 __all__ = ["Imports", "Recipe", "find_recipe", "load_recipe", "parse_recipe"]
 

@@ -27,7 +27,7 @@ import pydantic
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
 from surgery.jsonfile import read_json_object
-from surgery.writer import Layout, LayoutOptions, register_layout
+from surgery.layout import Layout, LayoutOptions, register_layout
 
 __all__ = ["CHECKPOINT_METADATA_KEY", "TransformersJsLayout"]
 
