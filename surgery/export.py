@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from surgery.atomic import atomic_files, check_destination
+from surgery.constants import CHECKPOINT_METADATA_KEY, KV_KINDS, PAST_NAME, PRESENT_NAME
 from surgery.errors import SurgeryError
 from surgery.jsonfile import read_json_object
-from surgery.transformersjs import CHECKPOINT_METADATA_KEY
 
 __all__ = [
     "ATTENTION_MASK",
@@ -93,23 +93,23 @@ _EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 7, 5
 
 def past_name(layer: int, kind: str) -> str:
     """Input name of one layer's past ``key`` or ``value``."""
-    return f"past_key_values.{layer}.{kind}"
+    return PAST_NAME.format(layer=layer, kind=kind)
 
 
 def present_name(layer: int, kind: str) -> str:
     """Output name of one layer's present ``key`` or ``value``."""
-    return f"present.{layer}.{kind}"
+    return PRESENT_NAME.format(layer=layer, kind=kind)
 
 
 def input_names(num_layers: int) -> list[str]:
     """Graph input names, in order."""
-    past = [past_name(i, k) for i in range(num_layers) for k in ("key", "value")]
+    past = [past_name(i, k) for i in range(num_layers) for k in KV_KINDS]
     return [INPUT_IDS, PIXEL_VALUES, ATTENTION_MASK, POSITION_IDS, *past]
 
 
 def output_names(num_layers: int) -> list[str]:
     """Graph output names, in order."""
-    present = [present_name(i, k) for i in range(num_layers) for k in ("key", "value")]
+    present = [present_name(i, k) for i in range(num_layers) for k in KV_KINDS]
     return [LOGITS, *present, IMAGE_FEATURES, TOKEN_EMBEDDINGS, INPUTS_EMBEDS]
 
 
@@ -287,8 +287,9 @@ def _tidy_interface(model: Any, num_layers: int, checkpoint: Path) -> None:
     record the checkpoint folder for layouts that copy its configs and tokenizer."""
     import onnx_ir as ir
 
+    presents = {present_name(i, kind) for i in range(num_layers) for kind in KV_KINDS}
     for value in model.graph.outputs:
-        if value.name.startswith("present.") and value.shape is not None:
+        if value.name in presents and value.shape is not None:
             dims = list(value.shape)
             dims[2] = TOTAL_SEQUENCE
             value.shape = ir.Shape(dims)

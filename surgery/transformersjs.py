@@ -25,20 +25,19 @@ from typing import Any
 import pydantic
 
 from surgery.bundle import Bundle
+from surgery.constants import CHECKPOINT_METADATA_KEY, DEFAULT_MAX_CHUNK_BYTES
 from surgery.errors import SurgeryError
 from surgery.jsonfile import read_json_object
 from surgery.layout import Layout, LayoutOptions, register_layout
 
-__all__ = ["CHECKPOINT_METADATA_KEY", "TransformersJsLayout"]
+__all__ = ["TransformersJsLayout"]
 
-#: Model metadata key under which ``surgery export`` records the checkpoint folder.
-CHECKPOINT_METADATA_KEY = "onnx_surgery.checkpoint"
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class _Options(LayoutOptions):
     max_chunk_bytes: int = pydantic.Field(
-        default=2_000_000_000, gt=0, description="size limit of one external-data chunk"
+        default=DEFAULT_MAX_CHUNK_BYTES, gt=0, description="size limit of one external-data chunk"
     )
 
 

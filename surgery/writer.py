@@ -28,21 +28,18 @@ import tqdm
 
 from surgery.atomic import atomic_dir
 from surgery.bundle import Bundle
+from surgery.constants import INLINE_LIMIT_BYTES
 from surgery.errors import SurgeryError
 from surgery.layout import Layout, get_layout
 from surgery.summary import format_bytes
 
 __all__ = [
-    "INLINE_LIMIT_BYTES",
     "external_bytes",
     "save",
     "save_model",
     "write_model",
 ]
 
-#: Tensors at or under this size stay inside the protobuf. ONNX Runtime cannot run shape
-#: inference on small shape constants stored as external data.
-INLINE_LIMIT_BYTES = 1024
 #: Tensors larger than this start at a multiple of :data:`LARGE_ALIGNMENT` (the Windows
 #: allocation granularity, which is also a multiple of every page size), so runtimes can
 #: memory-map them; smaller ones are packed at :data:`SMALL_ALIGNMENT`.
