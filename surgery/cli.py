@@ -18,6 +18,7 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import surgery.builtins  # noqa: F401  (recipes and `surgery passes` name the built-ins)
 from surgery.errors import SurgeryError
 
 __all__ = ["main"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import surgery.builtins  # noqa: F401  (the recipe names built-in passes and layouts)
 from surgery.atomic import atomic_dir
 from surgery.checkpoint import make_random_checkpoint
 from surgery.export import export_checkpoint

@@ -2,7 +2,8 @@
 
 The :class:`Layout` base, the plain layout and the registry of layouts by name, apart from the
 writer so that the writer and the layouts it writes with (:mod:`surgery.transformersjs`) need not
-import each other: both import this module.
+import each other: both import this module. Like the pass registry it is filled from above
+(:mod:`surgery.builtins` imports the built-in layouts) and answers an unknown name alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 import pydantic
 
 from surgery.bundle import Bundle
-from surgery.errors import SurgeryError
+from surgery.registry import Registry
 
 __all__ = [
     "Layout",
@@ -74,12 +75,12 @@ class PlainLayout(Layout):
         return f"{part}.onnx.data"
 
 
-_LAYOUTS: dict[str, type[Layout]] = {}
+_LAYOUTS: Registry[type[Layout]] = Registry("layout", "layouts")
 
 
 def register_layout(cls: type[Layout]) -> type[Layout]:
     """Class decorator: make a layout available by name to recipes and :func:`save`."""
-    _LAYOUTS[cls.name] = cls
+    _LAYOUTS.add(cls.name, cls)
     return cls
 
 
@@ -87,12 +88,8 @@ register_layout(PlainLayout)
 
 
 def layout_class(name: object) -> type[Layout]:
-    """The layout registered as ``name``."""
-    import surgery.transformersjs  # noqa: F401  (registers the transformers.js layout)
-
-    if not isinstance(name, str) or name not in _LAYOUTS:
-        raise SurgeryError(f"unknown layout {name!r}; choose one of: {', '.join(sorted(_LAYOUTS))}")
-    return _LAYOUTS[name]
+    """The layout registered as ``name`` (the built-in ones: see :mod:`surgery.builtins`)."""
+    return _LAYOUTS.get(name)
 
 
 def get_layout(spec: str | dict[str, Any] | Layout) -> Layout:
