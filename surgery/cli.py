@@ -122,9 +122,20 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from surgery.export import export_checkpoint
+    from surgery.instruments import DumpAfterPass, TimePasses
+    from surgery.manager import Instrument
 
+    instruments: list[Instrument] = []
+    if args.dump_dir:
+        instruments.append(DumpAfterPass(args.dump_dir))
+    if args.time_passes:
+        instruments.append(TimePasses())
     path = export_checkpoint(
-        args.checkpoint, args.output, force=args.force, progress=not args.quiet
+        args.checkpoint,
+        args.output,
+        force=args.force,
+        progress=not args.quiet,
+        instruments=instruments,
     )
     print(f"wrote {path}")
     return 0
@@ -256,6 +267,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--time-passes",
+        action="store_true",
+        help="print wall time, peak memory and op changes of the post-processing passes",
+    )
+    p.add_argument(
+        "--dump-dir", help="write the graph after each post-processing pass to DIR/NN-<pass>/"
+    )
 
     p = command(
         "make-random", _cmd_make_random, "write a random PaliGemma checkpoint (for tests and demos)"

@@ -103,4 +103,3 @@ def get_layout(spec: str | dict[str, Any] | Layout) -> Layout:
     options = dict(spec) if isinstance(spec, dict) else {"name": spec}
     cls = layout_class(options.pop("name", None))
     return cls(cls.Options(**options))
-
