@@ -15,7 +15,7 @@ from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
 from surgery.io import load, load_model
 from surgery.manager import Instrument, PassFailed, PassManager, Step
-from surgery.pass_infra import BundlePass, BundlePassResult, ModelPass, PassOptions
+from surgery.pass_infra import BundlePass, BundlePassResult, ModelPass, PassContext, PassOptions
 from surgery.recipe import Recipe, load_recipe, parse_recipe
 from surgery.registry import all_passes, get_pass, register
 from surgery.writer import save
@@ -26,6 +26,7 @@ __all__ = [
     "BundlePassResult",
     "Instrument",
     "ModelPass",
+    "PassContext",
     "PassFailed",
     "PassManager",
     "PassOptions",

@@ -6,6 +6,8 @@ checked by ``PassBase.__call__``), so onnx_ir's own passes compose with ours. Wh
 and this module adds: a registered name and summary, a pydantic options model with
 ``extra="forbid"`` (a bad recipe fails before any work), and the selection of parts a pass runs
 on. A :class:`BundlePass` sees the whole bundle, for passes that create or remove parts (split).
+A :class:`PassContext`, given by the pass manager, tells passes what the pipeline knows beyond
+the graph (the layout's chunk limit), so that no pass repeats a layout's setting.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "BundlePass",
     "BundlePassResult",
     "ModelPass",
+    "PassContext",
     "PassOptions",
     "SurgeryPass",
 ]
@@ -45,6 +48,19 @@ class BundlePassResult:
     modified: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What the pipeline tells its passes about where the result goes (set by the PassManager).
+
+    Attributes:
+        layout: The name of the layout the result is written with ("": not known).
+        max_chunk_bytes: That layout's size limit of one external-data chunk (None: unlimited).
+    """
+
+    layout: str = ""
+    max_chunk_bytes: int | None = None
+
+
 OptionsT = TypeVar("OptionsT", bound=PassOptions)
 
 
@@ -60,6 +76,8 @@ class SurgeryPass(Generic[OptionsT]):
     summary: ClassVar[str] = ""
     Options: ClassVar[type[PassOptions]] = PassOptions
     options: OptionsT
+    #: The pipeline's context; the PassManager sets it before the pass runs.
+    context: PassContext = PassContext()
 
     def __init__(
         self,
@@ -84,6 +102,13 @@ class SurgeryPass(Generic[OptionsT]):
         self.options = typing.cast(OptionsT, options)
         self.parts: list[str] | None = list(parts) if parts is not None else None
         super().__init__()
+
+    def check_context(self, context: PassContext) -> None:
+        """Refuse, before any work, a pipeline context this pass cannot work in.
+
+        Raises:
+            SurgeryError: What disagrees and what to change (the caller adds the recipe line).
+        """
 
     def output_parts(self, parts: list[str] | None) -> list[str] | None:
         """The parts after this pass, given those before it (None: not known before loading)."""

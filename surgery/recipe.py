@@ -43,7 +43,7 @@ from surgery.bundle import Bundle
 from surgery.errors import SurgeryError, clip, show
 from surgery.layout import Layout, get_layout, layout_class
 from surgery.manager import PassManager, Step
-from surgery.pass_infra import BundlePass, BundlePassResult, SurgeryPass
+from surgery.pass_infra import BundlePass, BundlePassResult, PassContext, SurgeryPass
 from surgery.registry import all_passes, check_import_path, get_pass, import_pass
 
 __all__ = ["Imports", "Recipe", "find_recipe", "load_recipe", "parse_recipe"]
@@ -94,8 +94,9 @@ class Recipe:
         return [clip(s.pass_.path) for s in self.steps if isinstance(s.pass_, _NotImported)]
 
     def manager(self, instruments: Any = ()) -> PassManager:
-        """A pass manager that runs this recipe."""
-        return PassManager(self.steps, instruments)
+        """A pass manager that runs this recipe, telling its passes about the recipe's layout."""
+        context = PassContext(self.layout.name, self.layout.max_chunk_bytes)
+        return PassManager(self.steps, instruments, context)
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML that parses back to the same recipe."""
@@ -460,7 +461,9 @@ def parse_recipe(text: str, source: str = "<recipe>", *, imports: Imports = "ref
         pass_, origin = _parse_entry(index, raw, errors, imports)
         steps.append(Step(index, pass_, origin))
     recipe = Recipe(source, steps, data.get("name", ""), data.get("description", ""), layout)
-    recipe.manager().check_parts(None)
+    manager = recipe.manager()
+    manager.check_parts(None)
+    manager.check_context()
     return recipe
 
 
