@@ -233,3 +233,27 @@ def test_readme_examples_import_only_the_public_api() -> None:
         if _is(name, "surgery") or _is(name, "passes")
     ]
     assert ours and set(ours) <= {"surgery", "passes"}, ours
+
+
+def test_pass_and_layout_registries_answer_alike() -> None:
+    """One Registry helper: an unknown layout gets the nearest name, as an unknown pass does."""
+    from surgery import SurgeryError, parse_recipe
+
+    with pytest.raises(SurgeryError) as info:
+        parse_recipe("layout: transformers-js\npasses: []\n", "r.yaml")
+    assert str(info.value) == (
+        "r.yaml:1: layout: unknown layout 'transformers-js'; did you mean 'transformers.js'? "
+        "valid layouts: plain, transformers.js"
+    )
+
+
+def test_an_empty_registry_says_how_to_fill_it() -> None:
+    from surgery import SurgeryError
+    from surgery.registry import Registry
+
+    with pytest.raises(SurgeryError) as info:
+        Registry("layout", "layouts").get("plain")
+    assert str(info.value) == (
+        "unknown layout 'plain'; no layouts are registered (import surgery.builtins for the "
+        "built-in ones)"
+    )
