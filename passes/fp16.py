@@ -64,11 +64,12 @@ from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
 from passes.fp16_convert import Converter, InitializerReads
 from passes.fp16_islands import ISLAND_KINDS, Fp32Islands, IslandKind
+from surgery.constants import FP16_BLOCK_ELEMENTS as _BLOCK_ELEMENTS
+from surgery.constants import INLINE_LIMIT_BYTES
 from surgery.errors import SurgeryError
 from surgery.lazy import DerivedTensor
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
-from surgery.writer import INLINE_LIMIT_BYTES
 
 if typing.TYPE_CHECKING:
     import onnxruntime as ort
@@ -89,8 +90,6 @@ OP_BLOCK_LIST: tuple[str, ...] = (
     "RandomNormalLike",
     "RandomUniform",
 )
-#: Elements converted at once (bounds the temporary memory of one tensor's conversion).
-_BLOCK_ELEMENTS = 1 << 22
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
 _BFLOAT16 = ir.DataType.BFLOAT16

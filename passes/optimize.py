@@ -4,7 +4,10 @@ Runs the same sequence as ``onnxscript.optimizer.optimize_ir`` (inline functions
 constants, the default rewrite rules, unused-node removal, constant lifting, initializer dedup,
 CSE, name fixes), assembled here from onnxscript's passes so that the ``modified`` flag is the
 passes' own instead of being lost (``optimize_ir`` returns None). Folding is bounded by size
-limits, so no large weight is materialised.
+limits, so no large weight is materialised. Departs from onnxscript's rules in one place: it
+folds a ``Transpose`` of a large single-use weight whatever its size, in memory (about 10 GB for
+a 3B model); here no node reading a constant over ``input_size_limit`` is folded
+(``fold-transposes`` does that one lazily).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Optimize(ModelPass[_OptimizeOptions]):
                         shape_inference=True,
                         input_size_limit=options.input_size_limit,
                         output_size_limit=options.output_size_limit,
+                        should_fold=self._small_inputs_only,
                     ),
                     rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
                     common.RemoveUnusedNodesPass(),
@@ -73,3 +77,11 @@ class Optimize(ModelPass[_OptimizeOptions]):
             common.NameFixPass(),
         ]
         return ir.passes.Sequential(*passes)(model)
+
+    def _small_inputs_only(self, node: ir.Node) -> bool | None:
+        """``should_fold``: never fold a node that reads a large constant, else onnxscript's rules."""
+        for value in node.inputs:
+            tensor = value.const_value if value is not None else None
+            if tensor is not None and tensor.size > self.options.input_size_limit:
+                return False
+        return None

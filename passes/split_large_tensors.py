@@ -30,7 +30,7 @@ import pydantic
 
 from surgery.errors import SurgeryError
 from surgery.lazy import DerivedTensor
-from surgery.pass_infra import ModelPass, PassOptions
+from surgery.pass_infra import ModelPass, PassContext, PassOptions
 from surgery.registry import register
 from surgery.summary import format_bytes
 
@@ -40,10 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 class _Options(PassOptions):
-    max_bytes: int = pydantic.Field(
-        default=2_000_000_000,
+    max_bytes: int | None = pydantic.Field(
+        default=None,
         gt=0,
-        description="largest tensor allowed; match the layout's max_chunk_bytes",
+        description="largest tensor allowed (default: the layout's max_chunk_bytes; not above it)",
     )
 
 
@@ -260,21 +260,38 @@ class SplitLargeTensors(ModelPass[_Options]):
     """Split every initializer larger than ``max_bytes`` into row (or column) blocks.
 
     Readers are rewritten to use the blocks without rebuilding the whole tensor at run time:
-    Gather on axis 0 (embeddings), MatMul, and Transpose → MatMul (a tied lm_head). Run it
-    before writing with a layout whose chunk limit is ``max_bytes`` (one tensor cannot span two
-    files).
+    Gather on axis 0 (embeddings), MatMul, and Transpose → MatMul (a tied lm_head). The limit
+    is the layout's chunk limit (one tensor cannot span two files), read from the pipeline's
+    context; ``max_bytes`` may set a smaller one, never a larger one.
     """
 
     name = "split-large-tensors"
     summary = "split weights larger than a data chunk into blocks (embedding, lm_head)"
     Options = _Options
 
+    def check_context(self, context: PassContext) -> None:
+        self._limit(context)
+
+    def _limit(self, context: PassContext) -> int:
+        """The split size: ``max_bytes``, else the layout's chunk limit (checked to agree)."""
+        layout = f"the '{context.layout}' layout" if context.layout else "the pipeline"
+        limit, chunk = self.options.max_bytes, context.max_chunk_bytes
+        if limit is None and chunk is None:
+            raise SurgeryError(f"max_bytes is required: {layout} has no chunk limit to split at")
+        if limit is not None and chunk is not None and limit > chunk:
+            raise SurgeryError(
+                f"max_bytes ({limit}) is over {layout}'s max_chunk_bytes ({chunk}): blocks "
+                "that large cannot be written; leave max_bytes out to split at the layout's limit"
+            )
+        return limit if limit is not None else typing.cast(int, chunk)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        max_bytes = self._limit(self.context)
         large = [
             v
             for v in graph.initializers.values()
-            if v.const_value is not None and v.const_value.nbytes > self.options.max_bytes
+            if v.const_value is not None and v.const_value.nbytes > max_bytes
         ]
         for value in large:
             tensor = value.const_value
@@ -286,5 +303,5 @@ class SplitLargeTensors(ModelPass[_Options]):
                     "(embeddings, projections) can be split"
                 )
             logger.info("splitting %s (%s)", value.name, format_bytes(tensor.nbytes))
-            _Splitter(graph, value, self.options.max_bytes).run()
+            _Splitter(graph, value, max_bytes).run()
         return ir.passes.PassResult(model, modified=bool(large))

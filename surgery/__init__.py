@@ -2,12 +2,15 @@
 
 The public API for composing passes in Python::
 
-    from surgery import PassManager, load, save
+    from surgery import PassManager, TimePasses, load, save
     from passes import RemoveUnused, TopologicalSort
 
     bundle = load("model.onnx")
-    PassManager([RemoveUnused(), TopologicalSort()]).run(bundle)
+    PassManager([RemoveUnused(), TopologicalSort()], instruments=[TimePasses()]).run(bundle)
     save(bundle, "out")
+
+To name the built-in passes and layouts in a recipe, ``import surgery.builtins`` first: it
+registers them (the CLI does so).
 """
 
 import importlib
@@ -17,9 +20,17 @@ if typing.TYPE_CHECKING:
     from surgery.adapters import gs_pass
     from surgery.bundle import Bundle
     from surgery.errors import SurgeryError
+    from surgery.instruments import DumpAfterPass, ProgressLog, TimePasses, VerifyEach
     from surgery.io import load, load_model
+    from surgery.layout import Layout, LayoutOptions, get_layout, register_layout
     from surgery.manager import Instrument, PassFailed, PassManager, Step
-    from surgery.pass_infra import BundlePass, BundlePassResult, ModelPass, PassOptions
+    from surgery.pass_infra import (
+        BundlePass,
+        BundlePassResult,
+        ModelPass,
+        PassContext,
+        PassOptions,
+    )
     from surgery.recipe import Recipe, load_recipe, parse_recipe
     from surgery.registry import all_passes, get_pass, register
     from surgery.writer import save
@@ -30,8 +41,16 @@ _HOMES = {
     "gs_pass": "surgery.adapters",
     "Bundle": "surgery.bundle",
     "SurgeryError": "surgery.errors",
+    "DumpAfterPass": "surgery.instruments",
+    "ProgressLog": "surgery.instruments",
+    "TimePasses": "surgery.instruments",
+    "VerifyEach": "surgery.instruments",
     "load": "surgery.io",
     "load_model": "surgery.io",
+    "Layout": "surgery.layout",
+    "LayoutOptions": "surgery.layout",
+    "get_layout": "surgery.layout",
+    "register_layout": "surgery.layout",
     "Instrument": "surgery.manager",
     "PassFailed": "surgery.manager",
     "PassManager": "surgery.manager",
@@ -39,6 +58,7 @@ _HOMES = {
     "BundlePass": "surgery.pass_infra",
     "BundlePassResult": "surgery.pass_infra",
     "ModelPass": "surgery.pass_infra",
+    "PassContext": "surgery.pass_infra",
     "PassOptions": "surgery.pass_infra",
     "Recipe": "surgery.recipe",
     "load_recipe": "surgery.recipe",
@@ -60,15 +80,23 @@ __all__ = [
     "Bundle",
     "BundlePass",
     "BundlePassResult",
+    "DumpAfterPass",
     "Instrument",
+    "Layout",
+    "LayoutOptions",
     "ModelPass",
+    "PassContext",
     "PassFailed",
     "PassManager",
     "PassOptions",
+    "ProgressLog",
     "Recipe",
     "Step",
     "SurgeryError",
+    "TimePasses",
+    "VerifyEach",
     "all_passes",
+    "get_layout",
     "get_pass",
     "gs_pass",
     "load",
@@ -76,5 +104,6 @@ __all__ = [
     "load_recipe",
     "parse_recipe",
     "register",
+    "register_layout",
     "save",
 ]

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import onnx_ir as ir
 
+from surgery.constants import INLINE_LIMIT_BYTES
 from surgery.pass_infra import ModelPass
-from surgery.writer import INLINE_LIMIT_BYTES
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery.atomic import atomic_dir
+from surgery.constants import DEFAULT_MAX_CHUNK_BYTES
 from surgery.errors import SurgeryError, hub_id_hint
 from surgery.jsonfile import read_json_object
 
@@ -46,7 +47,7 @@ __all__ = ["PRESETS", "Preset", "make_random_checkpoint"]
 logger = logging.getLogger(__name__)
 
 #: Largest shard written; real checkpoints use a few GB, this keeps one shard under a 2 GiB chunk.
-MAX_SHARD_BYTES = 2_000_000_000
+MAX_SHARD_BYTES = DEFAULT_MAX_CHUNK_BYTES
 #: Rows generated at once for a large tensor (bounds the memory the generator needs).
 _BLOCK_ELEMENTS = 16 * 1024 * 1024
 

@@ -20,6 +20,7 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import surgery.builtins  # noqa: F401  (recipes and `surgery passes` name the built-ins)
 from surgery.atomic import environment_error
 from surgery.errors import SurgeryError
 
@@ -43,8 +44,8 @@ def _apply_inputs(args: argparse.Namespace, recipe: str, bundle: Bundle) -> list
     """Every path `apply` reads: the recipe, the model(s), their data files, the checkpoint."""
     import onnx_ir as ir
 
+    from surgery.constants import CHECKPOINT_METADATA_KEY
     from surgery.io import iter_tensors
-    from surgery.transformersjs import CHECKPOINT_METADATA_KEY
 
     paths = [Path(recipe), Path(args.model)]
     if args.checkpoint:
@@ -166,9 +167,20 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from surgery.export import export_checkpoint
+    from surgery.instruments import DumpAfterPass, TimePasses
+    from surgery.manager import Instrument
 
+    instruments: list[Instrument] = []
+    if args.dump_dir:
+        instruments.append(DumpAfterPass(args.dump_dir))
+    if args.time_passes:
+        instruments.append(TimePasses())
     path = export_checkpoint(
-        args.checkpoint, args.output, force=args.force, progress=not args.quiet
+        args.checkpoint,
+        args.output,
+        force=args.force,
+        progress=not args.quiet,
+        instruments=instruments,
     )
     print(f"wrote {path}")
     return 0
@@ -312,6 +324,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--time-passes",
+        action="store_true",
+        help="print wall time, peak memory and op changes of the post-processing passes",
+    )
+    p.add_argument(
+        "--dump-dir", help="write the graph after each post-processing pass to DIR/NN-<pass>/"
+    )
 
     p = command(
         "make-random", _cmd_make_random, "write a random PaliGemma checkpoint (for tests and demos)"

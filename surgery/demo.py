@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import surgery.builtins  # noqa: F401  (the recipe names built-in passes and layouts)
 from surgery.atomic import check_destination
 from surgery.checkpoint import make_random_checkpoint
 from surgery.export import export_checkpoint

@@ -11,7 +11,10 @@ external tensors that ``onnx_ir.save`` streams file to file (:mod:`surgery.expor
 needs memory for the graph, not for the weights.
 
 Reuses the dynamo exporter for tracing and ONNX translation, and onnxscript's optimizer (run by us
-after the weights are attached: the exporter's built-in run would try to fold meta tensors).
+after the weights are attached: the exporter's built-in run would try to fold meta tensors). That
+post-processing is a shipped recipe, ``recipes/export-post.yaml`` (fold transposes, optimize), run
+by the :class:`~surgery.manager.PassManager` like any other, so instruments (``--time-passes``,
+``--dump-dir``) see it. The exporter is an entry point, above the core: it may name passes.
 
 Graph interface (see README "Exported graph"):
 
@@ -34,19 +37,21 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery.atomic import atomic_files, check_destination
+from surgery.constants import CHECKPOINT_METADATA_KEY, KV_KINDS, PAST_NAME, PRESENT_NAME
 from surgery.errors import SurgeryError, hub_id_hint
+from surgery.hf_files import checkpoint_reference
 from surgery.jsonfile import read_json_object
 from surgery.progress import bar as progress_bar
 from surgery.progress import spinner
-from surgery.transformersjs import CHECKPOINT_METADATA_KEY, checkpoint_reference
 
 if TYPE_CHECKING:
     from surgery.export_weights import SafetensorsEntry
+    from surgery.manager import Instrument
 
 __all__ = [
     "ATTENTION_MASK",
@@ -91,6 +96,8 @@ PAST_SEQUENCE = "past_sequence_length"
 TOTAL_SEQUENCE = "total_sequence_length"
 
 SUPPORTED_ARCHITECTURES = ("PaliGemmaForConditionalGeneration",)
+#: The shipped recipe run on the traced graph once the weights are attached.
+POST_RECIPE = "export-post"
 SUPPORTED_TEXT_MODELS = ("gemma", "gemma2")
 
 # Example sizes: >= 2 so torch.export keeps them dynamic, distinct so none is taken for another.
@@ -99,23 +106,23 @@ _EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 7, 5
 
 def past_name(layer: int, kind: str) -> str:
     """Input name of one layer's past ``key`` or ``value``."""
-    return f"past_key_values.{layer}.{kind}"
+    return PAST_NAME.format(layer=layer, kind=kind)
 
 
 def present_name(layer: int, kind: str) -> str:
     """Output name of one layer's present ``key`` or ``value``."""
-    return f"present.{layer}.{kind}"
+    return PRESENT_NAME.format(layer=layer, kind=kind)
 
 
 def input_names(num_layers: int) -> list[str]:
     """Graph input names, in order."""
-    past = [past_name(i, k) for i in range(num_layers) for k in ("key", "value")]
+    past = [past_name(i, k) for i in range(num_layers) for k in KV_KINDS]
     return [INPUT_IDS, PIXEL_VALUES, ATTENTION_MASK, POSITION_IDS, *past]
 
 
 def output_names(num_layers: int) -> list[str]:
     """Graph output names, in order."""
-    present = [present_name(i, k) for i in range(num_layers) for k in ("key", "value")]
+    present = [present_name(i, k) for i in range(num_layers) for k in KV_KINDS]
     return [LOGITS, *present, IMAGE_FEATURES, TOKEN_EMBEDDINGS, INPUTS_EMBEDS]
 
 
@@ -433,8 +440,9 @@ def _tidy_interface(model: Any, num_layers: int, checkpoint: Path, output: Path)
     the final ``output``'s folder when it lies inside it, see :func:`checkpoint_reference`)."""
     import onnx_ir as ir
 
+    presents = {present_name(i, kind) for i in range(num_layers) for kind in KV_KINDS}
     for value in model.graph.outputs:
-        if value.name.startswith("present.") and value.shape is not None:
+        if value.name in presents and value.shape is not None:
             dims = list(value.shape)
             dims[2] = TOTAL_SEQUENCE
             value.shape = ir.Shape(dims)
@@ -451,20 +459,13 @@ def _save(model: Any, path: Path, progress: bool) -> None:
         save_model(model, path, progress=lambda tensor: bar.update(tensor.nbytes))
 
 
-def _small_inputs_only(node: Any) -> bool | None:
-    """``should_fold`` for onnxscript's optimizer: never fold a node that reads a large constant."""
-    for value in node.inputs:
-        if value is not None and value.const_value is not None and value.const_value.size > 8192:
-            return False
-    return None  # the optimizer's own rules
-
-
 def export_checkpoint(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
     force: bool = False,
     progress: bool = True,
+    instruments: Sequence[Instrument] = (),
 ) -> Path:
     """Export a local PaliGemma / PaliGemma 2 checkpoint to one ONNX graph with external data.
 
@@ -473,6 +474,8 @@ def export_checkpoint(
         output: The ``.onnx`` file to write; its weights go to ``<output>.data`` beside it.
         force: Replace existing output files.
         progress: Print the stages and a progress bar on stderr.
+        instruments: Pass-manager instruments around the post-processing recipe
+            (:data:`POST_RECIPE`), e.g. :class:`~surgery.instruments.TimePasses`.
 
     Returns:
         The written model path.
@@ -482,10 +485,10 @@ def export_checkpoint(
             value, corrupt or incomplete safetensors (a missing tensor named by its checkpoint
             key), or existing output without ``force``. Raised before tracing; nothing is written.
     """
-    from onnxscript import optimizer
-
-    from passes.fold_transposes import FoldTransposes
+    import surgery.builtins  # noqa: F401  (the post-processing recipe names built-in passes)
+    from surgery.bundle import Bundle
     from surgery.export_weights import attach_weights
+    from surgery.recipe import load_recipe
 
     stage = _Stages(progress)
     checkpoint = Path(checkpoint)
@@ -518,8 +521,9 @@ def export_checkpoint(
     # Linear layers trace as MatMul(x, Transpose(W)): fold those lazily (a transposed copy per
     # weight, computed when written), and keep the optimizer's constant folding off every large
     # weight, which it would otherwise materialize in memory (~10 GB for a 3B model).
-    FoldTransposes()(onnx_model)
-    optimizer.optimize_ir(onnx_model, should_fold=_small_inputs_only)
+    bundle = Bundle({output.stem: onnx_model})
+    load_recipe(POST_RECIPE).manager(instruments).run(bundle)
+    onnx_model = bundle[output.stem]
     _tidy_interface(onnx_model, num_layers, checkpoint, output)
     stage(f"optimized: {sum(1 for _ in onnx_model.graph)} nodes; writing {output}")
     with atomic_files(output, force=force, inputs=[checkpoint]) as tmp:

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from surgery.constants import CAST_BLOCK_ELEMENTS, INLINE_LIMIT_BYTES
 from surgery.errors import SurgeryError
-from surgery.writer import INLINE_LIMIT_BYTES
 
 __all__ = ["CastingTensor", "SafetensorsEntry", "attach_weights", "read_safetensors"]
 
@@ -46,8 +46,6 @@ _DTYPES: dict[str, tuple[ir.DataType, int]] = {
     "U8": (ir.DataType.UINT8, 1),
     "BOOL": (ir.DataType.BOOL, 1),
 }
-#: Elements converted at once by :class:`CastingTensor` (64 MiB of float32).
-_CAST_BLOCK_ELEMENTS = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -167,8 +165,8 @@ class CastingTensor(ir.LazyTensor):
         entry = self._entry
         count = math.prod(entry.shape)
         raw = np.memmap(entry.path, dtype=np.uint16, mode="r", offset=entry.offset, shape=(count,))
-        for start in range(0, count, _CAST_BLOCK_ELEMENTS):
-            block = np.asarray(raw[start : start + _CAST_BLOCK_ELEMENTS])
+        for start in range(0, count, CAST_BLOCK_ELEMENTS):
+            block = np.asarray(raw[start : start + CAST_BLOCK_ELEMENTS])
             if entry.dtype == "BF16":
                 yield (block.astype(np.uint32) << 16).view(np.float32)
             else:

@@ -32,6 +32,7 @@ from surgery.jsonfile import read_json_object
 __all__ = [
     "OPTIONAL_TOKENIZER_FILES",
     "REQUIRED_TOKENIZER_FILES",
+    "checkpoint_reference",
     "read_image_processor",
     "read_model_config",
     "tokenizer_files",
@@ -214,3 +215,15 @@ def tokenizer_files(checkpoint: Path) -> list[str]:
             ) from None
     optional = [name for name in OPTIONAL_TOKENIZER_FILES if (checkpoint / name).is_file()]
     return [*REQUIRED_TOKENIZER_FILES, *optional]
+
+
+def checkpoint_reference(checkpoint: Path, model_folder: Path) -> str:
+    """The metadata value that records ``checkpoint`` for a model file kept in ``model_folder``.
+
+    Relative (POSIX separators) when the checkpoint lies inside the model's folder, so both can
+    move together; absolute otherwise, so the model alone can move.
+    """
+    checkpoint, model_folder = checkpoint.resolve(), model_folder.resolve()
+    if checkpoint.is_relative_to(model_folder):
+        return checkpoint.relative_to(model_folder).as_posix()
+    return str(checkpoint)

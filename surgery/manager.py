@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from surgery.bundle import Bundle
 from surgery.errors import SurgeryError
-from surgery.pass_infra import BundlePass, ModelPass, SurgeryPass
+from surgery.pass_infra import BundlePass, ModelPass, PassContext, SurgeryPass
 
 __all__ = ["Instrument", "PassFailed", "PassManager", "Step"]
 
@@ -93,12 +93,15 @@ class PassManager:
         self,
         passes: Sequence[SurgeryPass | Step],
         instruments: Sequence[Instrument] = (),
+        context: PassContext | None = None,
     ) -> None:
         self.steps = [
             p if isinstance(p, Step) else Step(i, p, f"passes[{i}] ({p.name})")
             for i, p in enumerate(passes)
         ]
         self.instruments = list(instruments)
+        #: What every pass is told about where the result goes (a recipe's layout).
+        self.context = context if context is not None else PassContext()
 
     def check_parts(self, parts: Sequence[str] | None) -> None:
         """Check, before any work, that every pass names parts that will exist when it runs.
@@ -118,9 +121,20 @@ class PassManager:
                 )
             current = step.pass_.output_parts(current)
 
+    def check_context(self) -> None:
+        """Check, before any work, that every pass agrees with the context (the chunk limit)."""
+        for step in self.steps:
+            try:
+                step.pass_.check_context(self.context)
+            except SurgeryError as exc:
+                raise SurgeryError(f"{step.origin}: {exc}") from None
+
     def run(self, bundle: Bundle) -> bool:
         """Run every pass in order; return whether any pass modified the bundle."""
         self.check_parts(bundle.parts)
+        self.check_context()
+        for step in self.steps:
+            step.pass_.context = self.context
         for instrument in self.instruments:
             instrument.start(bundle)
         modified_any = False

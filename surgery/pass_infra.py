@@ -6,6 +6,8 @@ checked by ``PassBase.__call__``), so onnx_ir's own passes compose with ours. Wh
 and this module adds: a registered name and summary, a pydantic options model with
 ``extra="forbid"`` (a bad recipe fails before any work), and the selection of parts a pass runs
 on. A :class:`BundlePass` sees the whole bundle, for passes that create or remove parts (split).
+A :class:`PassContext`, given by the pass manager, tells passes what the pipeline knows beyond
+the graph (the layout's chunk limit), so that no pass repeats a layout's setting.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "BundlePass",
     "BundlePassResult",
     "ModelPass",
+    "PassContext",
     "PassOptions",
     "SurgeryPass",
 ]
@@ -46,6 +49,19 @@ class BundlePassResult:
     modified: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What the pipeline tells its passes about where the result goes (set by the PassManager).
+
+    Attributes:
+        layout: The name of the layout the result is written with ("": not known).
+        max_chunk_bytes: That layout's size limit of one external-data chunk (None: unlimited).
+    """
+
+    layout: str = ""
+    max_chunk_bytes: int | None = None
+
+
 OptionsT = TypeVar("OptionsT", bound=PassOptions)
 
 
@@ -63,6 +79,8 @@ class SurgeryPass(Generic[OptionsT]):
     options: OptionsT
     #: Counts from the last call (rules fired, nodes kept…), shown by ``--time-passes``.
     statistics: dict[str, int]
+    #: The pipeline's context; the PassManager sets it before the pass runs.
+    context: PassContext = PassContext()
 
     def __init__(
         self,
@@ -88,6 +106,13 @@ class SurgeryPass(Generic[OptionsT]):
         self.parts: list[str] | None = list(parts) if parts is not None else None
         self.statistics = {}
         super().__init__()
+
+    def check_context(self, context: PassContext) -> None:
+        """Refuse, before any work, a pipeline context this pass cannot work in.
+
+        Raises:
+            SurgeryError: What disagrees and what to change (the caller adds the recipe line).
+        """
 
     def output_parts(self, parts: list[str] | None) -> list[str] | None:
         """The parts after this pass, given those before it (None: not known before loading)."""

@@ -1,24 +1,80 @@
-"""The named registry of passes: kebab-case name → pass class.
+"""Named registries: the passes by kebab-case name, and the helper every registry shares.
 
 Modelled on LLVM's ``PassRegistry.def``: one place that knows every pass by name, so recipes,
-``surgery passes`` and error messages agree. Passes from the ``passes`` package register
-themselves on import; a user's own pass is named in a recipe by import path instead.
+``surgery passes`` and error messages agree. The registry is filled from above and knows nothing
+of what fills it: each built-in pass module registers its pass when imported, and
+:mod:`surgery.builtins` (imported by the CLI, the exporter and the demo) imports them all. A
+user's own pass is registered the same way, or named in a recipe by import path instead.
+Layouts (:mod:`surgery.layout`) use the same :class:`Registry`, so both answer an unknown name
+alike: the nearest name, then every valid one.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import onnx_ir as ir
 
 from surgery.errors import SurgeryError, clip, show
 from surgery.pass_infra import SurgeryPass
 
-__all__ = ["all_passes", "check_import_path", "get_pass", "import_pass", "register"]
+__all__ = ["Registry", "all_passes", "check_import_path", "get_pass", "import_pass", "register"]
 
-_REGISTRY: dict[str, type[SurgeryPass]] = {}
+_T = TypeVar("_T", bound=type)
+
+
+class Registry(Generic[_T]):
+    """Classes of one kind (passes, layouts) by name, with nearest-name suggestions.
+
+    Args:
+        kind: What is registered, singular, for messages (``"pass"``).
+        plural: Its plural (``"passes"``).
+        normalize: Maps a name as written to its registered spelling.
+    """
+
+    def __init__(
+        self, kind: str, plural: str, normalize: Callable[[str], str] = lambda name: name
+    ) -> None:
+        self.kind = kind
+        self.plural = plural
+        self.normalize = normalize
+        self._classes: dict[str, _T] = {}
+
+    def add(self, name: str, cls: _T) -> None:
+        """Register ``cls`` as ``name``; a name taken by another class is a bug."""
+        existing = self._classes.get(name)
+        if existing is not None and existing is not cls:
+            raise TypeError(f"{self.kind} name '{name}' is taken by {existing.__qualname__}")
+        self._classes[name] = cls
+
+    def all(self) -> dict[str, _T]:
+        """Every registered class, by name, sorted."""
+        return dict(sorted(self._classes.items()))
+
+    def get(self, name: object) -> _T:
+        """The class registered as ``name``; raise a :class:`SurgeryError` that suggests one."""
+        known = self.all()
+        key = self.normalize(name) if isinstance(name, str) else None
+        if key is not None and key in known:
+            return known[key]
+        if not known:
+            raise SurgeryError(
+                f"unknown {self.kind} {show(name)}; no {self.plural} are registered "
+                "(import surgery.builtins for the built-in ones)"
+            )
+        nearest = difflib.get_close_matches(key, known, n=1) if key is not None else []
+        hint = f"did you mean '{nearest[0]}'? " if nearest else ""
+        raise SurgeryError(
+            f"unknown {self.kind} {show(name)}; {hint}valid {self.plural}: {', '.join(known)}"
+        )
+
+
+_PASSES: Registry[type[SurgeryPass]] = Registry(
+    "pass", "passes", lambda name: name.replace("_", "-")
+)
 _P = TypeVar("_P", bound=type[SurgeryPass])
 
 
@@ -26,32 +82,18 @@ def register(cls: _P) -> _P:
     """Class decorator: register a pass under its ``name``."""
     if not cls.name or not cls.summary:
         raise TypeError(f"{cls.__qualname__} needs a name and a one-line summary to register")
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise TypeError(f"pass name '{cls.name}' is taken by {existing.__qualname__}")
-    _REGISTRY[cls.name] = cls
+    _PASSES.add(cls.name, cls)
     return cls
-
-
-def _load_builtin_passes() -> None:
-    importlib.import_module("passes")
 
 
 def all_passes() -> dict[str, type[SurgeryPass]]:
     """Every registered pass, by name, sorted."""
-    _load_builtin_passes()
-    return dict(sorted(_REGISTRY.items()))
+    return _PASSES.all()
 
 
 def get_pass(name: str) -> type[SurgeryPass]:
     """The pass registered as ``name`` (``_`` and ``-`` are interchangeable)."""
-    passes = all_passes()
-    key = name.replace("_", "-")
-    if key in passes:
-        return passes[key]
-    nearest = difflib.get_close_matches(key, passes, n=1)
-    hint = f"did you mean '{nearest[0]}'? " if nearest else ""
-    raise SurgeryError(f"unknown pass {show(name)}; {hint}valid passes: {', '.join(passes)}")
+    return _PASSES.get(name)
 
 
 def check_import_path(path: str) -> tuple[str, str]:

@@ -33,35 +33,22 @@ from typing import Any
 import pydantic
 
 from surgery.bundle import Bundle
+from surgery.constants import CHECKPOINT_METADATA_KEY, DEFAULT_MAX_CHUNK_BYTES
 from surgery.errors import SurgeryError, hub_id_hint
 from surgery.hf_files import read_image_processor, read_model_config, tokenizer_files
 from surgery.io import SOURCE_DIR
 from surgery.jsonfile import read_json_object
-from surgery.writer import Layout, LayoutOptions, register_layout
+from surgery.layout import Layout, LayoutOptions, register_layout
 
-__all__ = ["CHECKPOINT_METADATA_KEY", "TransformersJsLayout", "checkpoint_reference"]
+__all__ = ["TransformersJsLayout"]
 
-#: Model metadata key under which ``surgery export`` records the checkpoint folder.
-CHECKPOINT_METADATA_KEY = "onnx_surgery.checkpoint"
 #: Transformers.js picks PaliGemma's processor by this key of ``preprocessor_config.json``.
 _PROCESSOR_CLASS = "PaliGemmaProcessor"
 
 
-def checkpoint_reference(checkpoint: Path, model_folder: Path) -> str:
-    """The metadata value that records ``checkpoint`` for a model file kept in ``model_folder``.
-
-    Relative (POSIX separators) when the checkpoint lies inside the model's folder, so both can
-    move together; absolute otherwise, so the model alone can move.
-    """
-    checkpoint, model_folder = checkpoint.resolve(), model_folder.resolve()
-    if checkpoint.is_relative_to(model_folder):
-        return checkpoint.relative_to(model_folder).as_posix()
-    return str(checkpoint)
-
-
 class _Options(LayoutOptions):
     max_chunk_bytes: int = pydantic.Field(
-        default=2_000_000_000, gt=0, description="size limit of one external-data chunk"
+        default=DEFAULT_MAX_CHUNK_BYTES, gt=0, description="size limit of one external-data chunk"
     )
 
 

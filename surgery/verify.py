@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from surgery.constants import KV_KINDS, PAST_NAME, PRESENT_NAME
 from surgery.errors import SurgeryError
 from surgery.progress import silence_transformers
 
@@ -136,11 +137,12 @@ class _Runner:
         self.kv_heads = int(text["num_key_value_heads"])
         self.head_dim = int(text["head_dim"])
         self.image_token = int(config.get("image_token_index") or config["image_token_id"])
-        past = next(i for i in decoder.get_inputs() if i.name.startswith("past_key_values."))
+        first_past = PAST_NAME.format(layer=0, kind=KV_KINDS[0])
+        past = next(i for i in decoder.get_inputs() if i.name == first_past)
         self.past_dtype = _ORT_TYPES[past.type]
         self.decoder = decoder
         self.present_names = [
-            f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")
+            PRESENT_NAME.format(layer=i, kind=k) for i in range(self.layers) for k in KV_KINDS
         ]
 
     def token_feeds(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -156,7 +158,7 @@ class _Runner:
         past: list[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder run: the logits and the presents."""
-        names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+        names = [PAST_NAME.format(layer=i, kind=k) for i in range(self.layers) for k in KV_KINDS]
         feeds = {
             **self.token_feeds(inputs, ids),
             "attention_mask": mask,

@@ -8,8 +8,8 @@ the layout's limit, large tensors aligned for memory mapping), streams each tens
 tensor's own ``tofile`` (``copy_file_range`` for tensors still on disk, one computed tensor at a
 time for lazy ones), then serializes the graph with the tensors pointing at their chunks.
 
-Layouts decide where parts and chunks go; the plain layout is here, the Transformers.js layout
-in :mod:`surgery.transformersjs`.
+Layouts decide where parts and chunks go (:mod:`surgery.layout`; the Transformers.js layout is in
+:mod:`surgery.transformersjs`).
 """
 
 from __future__ import annotations
@@ -22,36 +22,27 @@ import os
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import onnx_ir as ir
-import pydantic
 
 from surgery.atomic import atomic_dir
 from surgery.bundle import Bundle
+from surgery.constants import INLINE_LIMIT_BYTES
 from surgery.errors import SurgeryError
 from surgery.io import tensor_slots
+from surgery.layout import Layout, get_layout
 from surgery.lazy import computed_whole_when_written
 from surgery.progress import bar as progress_bar
 from surgery.summary import format_bytes
 
 __all__ = [
-    "INLINE_LIMIT_BYTES",
-    "Layout",
-    "LayoutOptions",
-    "PlainLayout",
     "external_bytes",
-    "get_layout",
-    "layout_class",
-    "register_layout",
     "save",
     "save_model",
     "write_model",
 ]
 
-#: Tensors at or under this size stay inside the protobuf. ONNX Runtime cannot run shape
-#: inference on small shape constants stored as external data.
-INLINE_LIMIT_BYTES = 1024
 #: Tensors larger than this start at a multiple of :data:`LARGE_ALIGNMENT` (the Windows
 #: allocation granularity, which is also a multiple of every page size), so runtimes can
 #: memory-map them; smaller ones are packed at :data:`SMALL_ALIGNMENT`.
@@ -249,97 +240,6 @@ def write_model(
 def save_model(model: ir.Model, path: Path, *, progress: ProgressCallback | None = None) -> None:
     """Write one model to ``path`` with all its large tensors in ``<name>.data`` beside it."""
     write_model(model, path, lambda _: f"{path.name}.data", progress=progress)
-
-
-class LayoutOptions(pydantic.BaseModel):
-    """Base of every layout's options (given in a recipe's ``layout:`` mapping)."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class Layout:
-    """Where each part and its data chunks go inside an output folder, and what goes beside."""
-
-    name: ClassVar[str] = ""
-    Options: ClassVar[type[LayoutOptions]] = LayoutOptions
-
-    def __init__(self, options: LayoutOptions | None = None, **kwargs: Any) -> None:
-        self.options = options if options is not None else self.Options(**kwargs)
-
-    @property
-    def max_chunk_bytes(self) -> int | None:
-        """Size limit of one data chunk (None: unlimited)."""
-        return None
-
-    def model_file(self, part: str) -> str:
-        """The part's model file, relative to the output folder."""
-        raise NotImplementedError
-
-    def data_file(self, part: str, chunk: int) -> str:
-        """The name of the part's ``chunk``-th data file, beside its model file."""
-        raise NotImplementedError
-
-    def prepare(self, bundle: Bundle) -> None:
-        """Check, before any work, that this layout can be written for ``bundle``.
-
-        Everything checkable from names, files and configs (the files ``finish`` copies, say)
-        fails here with a :class:`SurgeryError`: ``surgery apply`` calls it before the first
-        pass, :func:`save` before the first weight.
-        """
-
-    def finish(self, out_dir: Path, bundle: Bundle, chunks: dict[str, list[str]]) -> None:
-        """Write what goes beside the models (configs); ``chunks`` maps part → data files."""
-
-    def describe(self) -> str | dict[str, Any]:
-        """This layout as a recipe's ``layout:`` value."""
-        options = self.options.model_dump(mode="json", exclude_unset=True)  # as written
-        return {"name": self.name, **options} if options else self.name
-
-
-class PlainLayout(Layout):
-    """``<part>.onnx`` with its weights in ``<part>.onnx.data``."""
-
-    name = "plain"
-
-    def model_file(self, part: str) -> str:
-        return f"{part}.onnx"
-
-    def data_file(self, part: str, chunk: int) -> str:
-        return f"{part}.onnx.data"
-
-
-_LAYOUTS: dict[str, type[Layout]] = {}
-
-
-def register_layout(cls: type[Layout]) -> type[Layout]:
-    """Class decorator: make a layout available by name to recipes and :func:`save`."""
-    _LAYOUTS[cls.name] = cls
-    return cls
-
-
-register_layout(PlainLayout)
-
-
-def layout_class(name: object) -> type[Layout]:
-    """The layout registered as ``name``."""
-    import surgery.transformersjs  # noqa: F401  (registers the transformers.js layout)
-
-    if not isinstance(name, str) or name not in _LAYOUTS:
-        raise SurgeryError(f"unknown layout {name!r}; choose one of: {', '.join(sorted(_LAYOUTS))}")
-    return _LAYOUTS[name]
-
-
-def get_layout(spec: str | dict[str, Any] | Layout) -> Layout:
-    """A layout from its name, a recipe mapping ``{name: ..., <options>}``, or as is.
-
-    Raises:
-        SurgeryError: unknown name; ``pydantic.ValidationError``: bad options.
-    """
-    if isinstance(spec, Layout):
-        return spec
-    options = dict(spec) if isinstance(spec, dict) else {"name": spec}
-    cls = layout_class(options.pop("name", None))
-    return cls(cls.Options(**options))
 
 
 def save(

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+import surgery.builtins  # noqa: F401  (tests name built-in passes and layouts, as the CLI does)
+
 #: Fixture prefix -> preset of :data:`surgery.checkpoint.PRESETS`.
 TINY_MODELS = {
     "paligemma": "tiny-paligemma",

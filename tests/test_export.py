@@ -256,6 +256,35 @@ def test_existing_output_refused(paligemma2_checkpoint: Path, paligemma2_onnx: P
     assert paligemma2_onnx.stat().st_mtime_ns == before
 
 
+def test_post_processing_is_instrumented(
+    paligemma2_checkpoint: Path,
+    paligemma2_onnx: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The export's own passes run as a recipe: --time-passes and --dump-dir see each of them,
+    and instrumenting them changes nothing in what is written."""
+    from surgery.cli import main
+
+    out = tmp_path / "model.onnx"
+    dumps = tmp_path / "dumps"
+    args = ["export", str(paligemma2_checkpoint), "-o", str(out), "--quiet"]
+    assert main([*args, "--time-passes", "--dump-dir", str(dumps)]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().err.splitlines()]
+    assert ["fold-transposes", "model"] in rows
+    assert ["optimize", "model"] in rows
+    assert sorted(p.name for p in dumps.iterdir()) == [
+        "00-input",
+        "01-fold-transposes",
+        "02-optimize",
+    ]
+    assert (dumps / "02-optimize" / "model.onnx").is_file()
+    assert out.read_bytes() == paligemma2_onnx.read_bytes()
+    assert (tmp_path / "model.onnx.data").read_bytes() == (
+        paligemma2_onnx.parent / "model.onnx.data"
+    ).read_bytes()
+
+
 # --- bad input: one clear line, exit 1, nothing written ---------------------------------------
 
 

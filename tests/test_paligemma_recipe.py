@@ -150,15 +150,9 @@ def test_dump_dir_has_one_openable_folder_per_pass(paligemma2_onnx: Path, tmp_pa
 
 
 def _small_chunk_recipe(tmp_path: Path, limit: int) -> Path:
-    """The flagship recipe with a small chunk limit, and tensors split to fit it."""
+    """The flagship recipe with a small chunk limit: split-large-tensors reads it from the layout."""
     recipe = yaml.safe_load(find_recipe("paligemma2").read_text())
     recipe["layout"] = {"name": "transformers.js", "max_chunk_bytes": limit}
-    (step,) = [
-        p
-        for p in recipe["passes"]
-        if isinstance(p, dict) and p.get("pass") == "split-large-tensors"
-    ]
-    step["options"]["max_bytes"] = limit
     path = tmp_path / "small-chunks.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -23,8 +23,8 @@ import pytest
 
 from surgery import atomic
 from surgery.atomic import atomic_dir, atomic_files
+from surgery.constants import CHECKPOINT_METADATA_KEY
 from surgery.errors import SurgeryError
-from surgery.transformersjs import CHECKPOINT_METADATA_KEY
 from tests.adversarial.conftest import assert_refused, digests, leftovers, run_cli
 
 

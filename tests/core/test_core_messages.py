@@ -256,10 +256,10 @@ def test_hub_id_gets_a_download_hint(
 def test_misspelt_recipe_name_suggests_the_nearest(capsys: pytest.CaptureFixture[str]) -> None:
     assert _error(capsys, "validate", "paligema2") == (
         "paligema2: no such recipe file; did you mean 'paligemma2'? "
-        "shipped recipes: cleanup, paligemma2"
+        "shipped recipes: cleanup, export-post, paligemma2"
     )
     assert _error(capsys, "validate", "zzz") == (
-        "zzz: no such recipe file; shipped recipes: cleanup, paligemma2"
+        "zzz: no such recipe file; shipped recipes: cleanup, export-post, paligemma2"
     )
 
 

@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from passes import SplitLargeTensors
-from surgery import PassManager, SurgeryError, load, save
+from surgery import PassContext, PassManager, SurgeryError, load, parse_recipe, save
+from surgery.cli import main
 from surgery.verify import verify
 
 ROWS, COLS = 10, 32  # 1280-byte tables: over the 1 KiB inline limit, so they are external
@@ -112,3 +113,70 @@ def test_exported_paligemma2_generates_the_same_tokens(
     save(bundle, tmp_path / "out", progress=False)
     ok, report = verify(tmp_path / "out" / "model.onnx", paligemma2_checkpoint, max_new_tokens=20)
     assert ok, report
+
+
+def test_limit_defaults_to_the_layout_chunk_limit(tmp_path: Path) -> None:
+    """Without max_bytes the pass splits at the pipeline's (the layout's) max_chunk_bytes."""
+    bundle = load(_toy(tmp_path))
+    limit = 3 * COLS * 4
+    manager = PassManager([SplitLargeTensors()], context=PassContext(max_chunk_bytes=limit))
+    assert manager.run(bundle) is True
+    graph = bundle["toy"].graph
+    assert max(v.const_value.nbytes for v in graph.initializers.values() if v.const_value) <= limit
+
+
+def test_no_limit_anywhere_is_refused_before_any_work(tmp_path: Path) -> None:
+    bundle = load(_toy(tmp_path))
+    with pytest.raises(SurgeryError) as info:
+        PassManager([SplitLargeTensors()]).run(bundle)
+    assert str(info.value) == (
+        "passes[0] (split-large-tensors): max_bytes is required: the pipeline has no chunk limit "
+        "to split at"
+    )
+    assert "table" in bundle["toy"].graph.initializers
+    with pytest.raises(SurgeryError) as info:
+        parse_recipe("layout: plain\npasses:\n  - split-large-tensors\n", "r.yaml")
+    assert str(info.value) == (
+        "r.yaml:3: passes[0] (split-large-tensors): max_bytes is required: the 'plain' layout has "
+        "no chunk limit to split at"
+    )
+
+
+MISMATCH = """\
+layout: {name: transformers.js, max_chunk_bytes: 1000}
+passes:
+  - remove-unused
+  - pass: split-large-tensors
+    options: {max_bytes: 2000}
+"""
+
+
+def test_recipe_over_the_layout_limit_is_refused_at_validation() -> None:
+    with pytest.raises(SurgeryError) as info:
+        parse_recipe(MISMATCH, "r.yaml")
+    assert str(info.value) == (
+        "r.yaml:4: passes[1] (split-large-tensors): max_bytes (2000) is over the 'transformers.js' "
+        "layout's max_chunk_bytes (1000): blocks that large cannot be written; leave max_bytes out "
+        "to split at the layout's limit"
+    )
+    parse_recipe(MISMATCH.replace("2000", "1000"), "r.yaml")  # equal (or smaller) is fine
+
+
+def test_cli_refuses_the_mismatch_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _toy(tmp_path)
+    before = source.with_suffix(".onnx.data").read_bytes()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(MISMATCH)
+    out = tmp_path / "out"
+    for args in (["validate", str(recipe)], ["apply", str(recipe), str(source), "-o", str(out)]):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            f"surgery: error: {recipe}:4: passes[1] (split-large-tensors): max_bytes (2000) is "
+            "over the 'transformers.js' layout's max_chunk_bytes (1000): blocks that large cannot "
+            "be written; leave max_bytes out to split at the layout's limit\n"
+        )
+    assert not out.exists()
+    assert source.with_suffix(".onnx.data").read_bytes() == before
