@@ -45,7 +45,7 @@ def _apply_inputs(args: argparse.Namespace, recipe: str, bundle: Bundle) -> list
     import onnx_ir as ir
 
     from surgery.constants import CHECKPOINT_METADATA_KEY
-    from surgery.io import iter_tensors
+    from surgery.tensors import iter_tensors
 
     paths = [Path(recipe), Path(args.model)]
     if args.checkpoint:

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from surgery.bundle import Bundle
-from surgery.io import iter_tensors
+from surgery.tensors import iter_tensors
 
 __all__ = ["format_bytes", "op_histogram", "summarize"]
 

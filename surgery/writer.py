@@ -30,11 +30,11 @@ from surgery.atomic import atomic_dir
 from surgery.bundle import Bundle
 from surgery.constants import INLINE_LIMIT_BYTES
 from surgery.errors import SurgeryError
-from surgery.io import tensor_slots
 from surgery.layout import Layout, get_layout
 from surgery.lazy import computed_whole_when_written
 from surgery.progress import bar as progress_bar
 from surgery.summary import format_bytes
+from surgery.tensors import tensor_slots
 
 __all__ = [
     "external_bytes",
