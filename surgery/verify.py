@@ -292,7 +292,7 @@ def verify(
     Cases: the first prompt alone (batch 1), then every prompt together (a left-padded batch)
     when there are several. Returns whether all cases match, and the report.
     """
-    from surgery.export import check_checkpoint
+    from surgery.checkpoint_checks import check_checkpoint
 
     target, checkpoint = Path(target), Path(checkpoint)
     if not target.exists():
