@@ -1,0 +1,170 @@
+"""The quantize pass against its anchor: ONNX Runtime's own quantizers on the same fp32 parts.
+
+The tiny PaliGemma 2 goes through the flagship recipe with one extra variant per mode (a
+``copy-parts`` + ``quantize`` pair, before ``fold-transposes`` as in the recipe). The anchor is
+run here, on the fp32 files of the same output (where ``fold-transposes`` has already made the
+tied lm_head a plain initializer): ``MatMulNBitsQuantizer`` (block 32, symmetric),
+``MatMulBnb4Quantizer`` (NF4, block 64) and ``ONNXQuantizer`` in IntegerOps mode as Transformers.js's
+``scripts/quantize.py`` calls it (restricted to MatMul, the op this pass rewrites). Every
+quantized initializer must be byte-identical and feed the same kind of node, and the outputs of
+both models in ONNX Runtime must agree within 1e-5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from onnx import numpy_helper
+
+from surgery.cli import main
+from surgery.recipe import find_recipe
+
+PARTS = ["vision_encoder", "decoder_model_merged"]
+#: suffix -> (quantize options, anchor settings)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "_q4": {"mode": "q4"},
+    "_q4b16": {"mode": "q4", "block_size": 16, "symmetric": False, "accuracy_level": 4},
+    "_bnb4": {"mode": "bnb4"},
+    "_fp4": {"mode": "bnb4", "quant_type": "fp4"},
+    "_quantized": {"mode": "q8"},
+    "_int8": {"mode": "int8"},
+    "_uint8": {"mode": "uint8"},
+    "_pc": {"mode": "q8", "per_channel": True, "reduce_range": True},
+}
+
+
+@pytest.fixture(scope="module")
+def folder(paligemma2_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The recipe's output with every variant of :data:`VARIANTS` beside fp32."""
+    recipe = yaml.safe_load(find_recipe("paligemma2").read_text())
+    passes = [
+        p
+        for p in recipe["passes"]
+        if not (isinstance(p, dict) and p.get("pass") in ("copy-parts", "fp16", "quantize"))
+    ]
+    fold = passes.index("fold-transposes")
+    extra: list[Any] = []
+    for suffix, options in VARIANTS.items():
+        extra.append({"pass": "copy-parts", "parts": PARTS, "options": {"suffix": suffix}})
+        extra.append({"pass": "quantize", "parts": [p + suffix for p in PARTS], "options": options})
+    recipe["passes"] = passes[:fold] + extra + passes[fold:]
+    tmp = tmp_path_factory.mktemp("quantize-anchor")
+    path = tmp / "variants.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = tmp / "out"
+    assert main(["apply", str(path), str(paligemma2_onnx), "-o", str(out), "-q"]) == 0
+    return out
+
+
+def _anchor(fp32: Path, options: dict[str, Any]) -> onnx.ModelProto:
+    """ONNX Runtime's quantizer on the fp32 file, with the settings the options stand for."""
+    from onnxruntime.quantization import QuantizationMode, QuantType
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+
+    model = onnx.load(fp32)
+    mode = options["mode"]
+    if mode == "q4":
+        q4 = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=options.get("block_size", 32),
+            is_symmetric=options.get("symmetric", True),
+            accuracy_level=options.get("accuracy_level"),
+        )
+        q4.process()
+        return q4.model.model
+    if mode == "bnb4":
+        kind = MatMulBnb4Quantizer.FP4 if options.get("quant_type") == "fp4" else 1
+        bnb4 = MatMulBnb4Quantizer(model, quant_type=kind, block_size=64)
+        bnb4.process()
+        return bnb4.model.model
+    ops = {n.op_type for n in model.graph.node}  # Transformers.js's get_operators + QUINT8_OPS
+    unsigned = mode == "uint8" or (
+        mode == "q8" and bool(ops & {"Conv", "GroupQueryAttention", "MultiHeadAttention"})
+    )
+    quantizer = ONNXQuantizer(
+        model,
+        options.get("per_channel", False),
+        options.get("reduce_range", False),
+        mode=QuantizationMode.IntegerOps,
+        static=False,
+        weight_qType=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+        activation_qType=QuantType.QUInt8,
+        tensors_range=None,
+        nodes_to_quantize=[],
+        nodes_to_exclude=[],
+        op_types_to_quantize={"MatMul"},
+        extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
+    )
+    return quantizer.quantize_model()
+
+
+def _readers(model: onnx.ModelProto) -> dict[str, set[str]]:
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    return readers
+
+
+def _feed(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every input of a part: batch 1, 3 new tokens after 2 past ones."""
+    sizes = {"sequence_length": 3, "past_sequence_length": 2, "total_sequence_length": 5}
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for meta in session.get_inputs():
+        shape = [d if isinstance(d, int) else sizes.get(str(d), 1) for d in meta.shape]
+        if meta.name == "attention_mask":
+            feed[meta.name] = np.ones(shape, np.int64)
+        elif meta.name == "position_ids":
+            feed[meta.name] = np.arange(3, 6, dtype=np.int64).reshape(shape)
+        else:
+            feed[meta.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+@pytest.mark.parametrize("suffix", list(VARIANTS))
+@pytest.mark.parametrize("part", PARTS)
+def test_quantized_initializers_and_outputs_equal_the_anchors(
+    folder: Path, tmp_path: Path, part: str, suffix: str
+) -> None:
+    fp32 = folder / "onnx" / f"{part}.onnx"
+    anchor = _anchor(fp32, VARIANTS[suffix])
+    ours = onnx.load(folder / "onnx" / f"{part}{suffix}.onnx")
+    original = {t.name for t in onnx.load(fp32, load_external_data=False).graph.initializer}
+    ours_by_name = {t.name: t for t in ours.graph.initializer}
+    anchor_readers, our_readers = _readers(anchor), _readers(ours)
+    quantized = [t for t in anchor.graph.initializer if t.name not in original]
+    assert len(quantized) >= 20, "the anchor quantized the part's MatMuls"
+    for expected in quantized:
+        assert expected.name in ours_by_name, expected.name
+        got = ours_by_name[expected.name]
+        assert got.data_type == expected.data_type, expected.name
+        assert list(got.dims) == list(expected.dims), expected.name
+        assert numpy_helper.to_array(got).tobytes() == numpy_helper.to_array(expected).tobytes()
+        assert our_readers[got.name] == anchor_readers[expected.name], expected.name
+
+    ours_ops = sorted(n.op_type for n in ours.graph.node)
+    anchor_ops = sorted(n.op_type for n in anchor.graph.node)
+    assert ours_ops == anchor_ops
+
+    anchor_path = tmp_path / "anchor.onnx"
+    onnx.save(anchor, anchor_path, save_as_external_data=True, location="anchor.onnx.data")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = [
+        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        for p in (folder / "onnx" / f"{part}{suffix}.onnx", anchor_path)
+    ]
+    feed = _feed(sessions[0])
+    got_outputs, want_outputs = (s.run(None, feed) for s in sessions)
+    for got_value, want_value in zip(got_outputs, want_outputs, strict=True):
+        np.testing.assert_allclose(got_value, want_value, rtol=0, atol=1e-5)
