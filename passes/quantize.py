@@ -69,6 +69,15 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 _MS_DOMAIN = "com.microsoft"
 
 Mode = Literal["q4", "q4f16", "bnb4", "q8", "int8", "uint8"]
+#: Options that apply to some modes only: given for another mode, they are refused.
+_APPLIES = {
+    "block_size": ("q4", "q4f16", "bnb4"),
+    "symmetric": ("q4", "q4f16"),
+    "accuracy_level": ("q4", "q4f16"),
+    "quant_type": ("bnb4",),
+    "per_channel": ("q8", "int8", "uint8"),
+    "reduce_range": ("q8", "int8", "uint8"),
+}
 
 
 class QuantizeOptions(PassOptions):
@@ -115,25 +124,14 @@ class QuantizeOptions(PassOptions):
             raise ValueError(f"expected a power of two >= 16, got {value}")
         return value
 
-    @pydantic.model_validator(mode="after")
-    def _fits_mode(self) -> QuantizeOptions:
-        four_bit = self.mode in _DEFAULT_BLOCK
-        given = self.model_fields_set
-        wrong = [
-            key
-            for key, applies in (
-                ("block_size", four_bit),
-                ("symmetric", self.mode in ("q4", "q4f16")),
-                ("accuracy_level", self.mode in ("q4", "q4f16")),
-                ("quant_type", self.mode == "bnb4"),
-                ("per_channel", not four_bit),
-                ("reduce_range", not four_bit),
-            )
-            if key in given and not applies
-        ]
-        if wrong:
-            raise ValueError(f"{wrong[0]} does not apply to mode {self.mode}")
-        return self
+    @pydantic.field_validator(*_APPLIES)
+    @classmethod
+    def _fits_mode(cls, value: object, info: pydantic.ValidationInfo) -> object:
+        mode = info.data.get("mode")
+        modes = _APPLIES[typing.cast(str, info.field_name)]
+        if mode is not None and mode not in modes:
+            raise ValueError(f"does not apply to mode {mode} (only to {', '.join(modes)})")
+        return value
 
     @property
     def block(self) -> int:

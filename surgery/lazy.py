@@ -89,6 +89,12 @@ class SharedComputation:
         #: How many times the arrays were computed (one per save when each member is read once).
         self.computations = 0
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of computed arrays held now (those of members not read yet)."""
+        arrays = self._arrays
+        return sum(a.nbytes for a in arrays if a is not None) if arrays is not None else 0
+
     def member(
         self, index: int, *, name: str, dtype: ir.DataType, shape: ir.Shape
     ) -> SharedTensor:
