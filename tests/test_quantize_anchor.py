@@ -7,11 +7,16 @@ tied lm_head a plain initializer): ``MatMulNBitsQuantizer`` (block 32, symmetric
 ``MatMulBnb4Quantizer`` (NF4, block 64) and ``ONNXQuantizer`` in IntegerOps mode as Transformers.js's
 ``scripts/quantize.py`` calls it (restricted to MatMul, the op this pass rewrites). Every
 quantized initializer must be byte-identical and feed the same kind of node, and the outputs of
-both models in ONNX Runtime must agree within 1e-5.
+both models in ONNX Runtime must agree within 1e-5. Then the real client: Transformers.js under
+Node loads each dtype from the same folder and generates the tokens our ONNX Runtime driver does.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,12 @@ from onnx import numpy_helper
 
 from surgery.cli import main
 from surgery.recipe import find_recipe
+from surgery.verify import PartsRunner, processor_inputs, random_images
 
-PARTS = ["vision_encoder", "decoder_model_merged"]
+REPO = Path(__file__).resolve().parents[1]
+
+PARTS = ["vision_encoder", "decoder_model_merged"]  # embed_tokens has no MatMul
+ALL_PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
 #: suffix -> (quantize options, anchor settings)
 VARIANTS: dict[str, dict[str, Any]] = {
     "_q4": {"mode": "q4"},
@@ -52,10 +61,10 @@ def folder(paligemma2_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     fold = passes.index("fold-transposes")
     extra: list[Any] = []
     for suffix, options in VARIANTS.items():
-        extra.append({"pass": "copy-parts", "parts": PARTS, "options": {"suffix": suffix}})
+        extra.append({"pass": "copy-parts", "parts": ALL_PARTS, "options": {"suffix": suffix}})
         extra.append({"pass": "quantize", "parts": [p + suffix for p in PARTS], "options": options})
         if options["mode"] == "q4f16":
-            extra.append({"pass": "fp16", "parts": [p + suffix for p in PARTS]})
+            extra.append({"pass": "fp16", "parts": [p + suffix for p in ALL_PARTS]})
     recipe["passes"] = passes[:fold] + extra + passes[fold:]
     tmp = tmp_path_factory.mktemp("quantize-anchor")
     path = tmp / "variants.yaml"
@@ -189,3 +198,61 @@ def _close(path: Path, reference: Path, tolerance: float) -> None:
         assert np.isfinite(got_value).all()
         scale = float(np.abs(want_value).max()) if tolerance > 1e-3 else 1.0
         np.testing.assert_allclose(got_value, want_value, rtol=0, atol=tolerance * scale)
+
+
+#: Transformers.js dtype -> file suffix.
+CLIENT_DTYPES = {
+    "q8": "_quantized",
+    "int8": "_int8",
+    "uint8": "_uint8",
+    "q4": "_q4",
+    "q4f16": "_q4f16",
+    "bnb4": "_bnb4",
+}
+
+
+@pytest.mark.parametrize("dtype", list(CLIENT_DTYPES))
+def test_transformersjs_in_node_loads_each_dtype_and_generates_our_tokens(
+    folder: Path, paligemma2_checkpoint: Path, tmp_path: Path, dtype: str
+) -> None:
+    """The real client loads the quantized files by dtype and generates the tokens our own
+    ONNX Runtime driver generates from the same files (batch 1, no padding)."""
+    if shutil.which("node") is None:
+        message = "node is not installed: the Transformers.js client test is SKIPPED"
+        warnings.warn(message, stacklevel=1)
+        pytest.skip(message)
+    assert (REPO / "node_modules" / "@huggingface" / "transformers").is_dir(), (
+        "Transformers.js is not installed; run `npm ci --ignore-scripts` (scripts/test does)"
+    )
+    size = json.loads((folder / "preprocessor_config.json").read_text())["size"]["height"]
+    image = tmp_path / "image.png"
+    random_images(size, 1)[0].save(image)
+    prompt, steps = "caption en", 10
+    result = subprocess.run(
+        [
+            "node",
+            str(REPO / "tests" / "js" / "generate.mjs"),
+            str(folder),
+            str(image),
+            prompt,
+            str(steps),
+            dtype,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    inputs = processor_inputs(paligemma2_checkpoint, [prompt], [image])
+    np.testing.assert_array_equal(np.asarray(got["input_ids"]), inputs["input_ids"])
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(paligemma2_checkpoint)
+    eos = generation.eos_token_id
+    ours = PartsRunner(folder, CLIENT_DTYPES[dtype]).greedy(
+        inputs, steps, set(eos if isinstance(eos, list) else [eos]), generation.pad_token_id or 0
+    )
+    new_tokens = np.asarray(got["sequences"])[:, inputs["input_ids"].shape[1] :]
+    np.testing.assert_array_equal(new_tokens, ours.tokens)
