@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from surgery.cli import main
 from surgery.recipe import find_recipe
-from surgery.verify import PartsRunner, processor_inputs, random_images
+from surgery.verify import PartsRunner, processor_inputs, random_images, teacher_forced
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,3 +256,21 @@ def test_transformersjs_in_node_loads_each_dtype_and_generates_our_tokens(
     )
     new_tokens = np.asarray(got["sequences"])[:, inputs["input_ids"].shape[1] :]
     np.testing.assert_array_equal(new_tokens, ours.tokens)
+
+
+def test_verify_reports_teacher_forced_agreement_for_quantized_files(
+    folder: Path, paligemma2_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["verify", str(folder), "--checkpoint", str(paligemma2_checkpoint)]
+    assert main([*args, "--suffix", "_q4", "--max-new-tokens", "6"]) == 0
+    report = capsys.readouterr().out
+    assert report.count("teacher-forced along the fp32 greedy path: top-1 agreement ") == 2
+    assert "greedy tokens identical" not in report
+    # The measure itself: fp32 forced along its own path agrees everywhere, cosine 1.
+    inputs = processor_inputs(paligemma2_checkpoint, ["caption en"], None)
+    fp32 = PartsRunner(folder)
+    path = fp32.greedy(inputs, 6, set(), 0)
+    again = fp32.greedy(inputs, 6, set(), 0, forced=path.tokens)
+    assert teacher_forced(path, again, "fp32").endswith(
+        "top-1 agreement 6/6 (100.0%), logits cosine min 1.000000 mean 1.000000"
+    )
