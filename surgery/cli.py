@@ -197,7 +197,7 @@ def _cmd_make_random(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from surgery.verify import verify
+    from surgery.verify import QUANTIZED_SUFFIXES, verify
 
     ok, report = verify(
         Path(args.target),
@@ -208,6 +208,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         suffix=args.suffix,
     )
     print(report)
+    if args.suffix in QUANTIZED_SUFFIXES:  # measured, not pass/fail: near-ties flip
+        return 0
     if not ok:
         raise SurgeryError(
             f"{args.target}: greedy tokens differ from PyTorch (see the table above)"
@@ -362,7 +364,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default 20)")
     p.add_argument(
-        "--suffix", default="", help="file suffix of the parts, e.g. _fp16 (default: fp32)"
+        "--suffix",
+        default="",
+        help="file suffix of the parts, e.g. _fp16 (default: fp32); quantized ones (_q4 ...) are "
+        "compared teacher-forced with fp32: top-1 agreement and logits cosine",
     )
 
     p = command(

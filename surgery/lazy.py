@@ -14,16 +14,24 @@ any ``LazyTensor`` (subclasses included) whose ``tofile`` is ``LazyTensor``'s ow
 it evaluates the whole tensor anyway, so computing it earlier in a thread costs no extra memory
 beyond the writer's budget. A subclass that streams itself in blocks from its own ``tofile``
 (the exporter's ``CastingTensor``) is written by that ``tofile``, which keeps its memory bounded.
+
+Some computations give several tensors at once: quantizing one weight gives its packed values,
+scales and zero points. :class:`SharedComputation` runs such a computation once for all of its
+:class:`SharedTensor` members and lets go of each member's array as soon as that member has
+been read, so after the last member is written nothing is held. The writer reaches the members
+one after the other (they are declared together); its threads computing ahead may ask for two
+members at once, so the computation runs under a lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["DerivedTensor", "computed_whole_when_written"]
+__all__ = ["DerivedTensor", "SharedComputation", "SharedTensor", "computed_whole_when_written"]
 
 
 class DerivedTensor(ir.LazyTensor):
@@ -57,6 +65,77 @@ class DerivedTensor(ir.LazyTensor):
 
     def _compute(self) -> ir.TensorProtocol:
         return ir.Tensor(self._fn(self.source.numpy()), dtype=self.dtype, name=self.name)
+
+
+class SharedComputation:
+    """``fn(source.numpy())``, a sequence of arrays, computed once for the tensors that hold them.
+
+    The first member read computes every array; each member's array is dropped once that member
+    has been read, so memory is held only between the first and the last read of the group. A
+    member read again after that (a second save of the same model) computes the group again.
+
+    Args:
+        source: The tensor the arrays are computed from.
+        fn: The function of the source's array; it returns one array per member.
+    """
+
+    def __init__(
+        self, source: ir.TensorProtocol, fn: Callable[[np.ndarray], Sequence[np.ndarray]]
+    ) -> None:
+        self.source = source
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._arrays: list[np.ndarray | None] | None = None
+        #: How many times the arrays were computed (one per save when each member is read once).
+        self.computations = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of computed arrays held now (those of members not read yet)."""
+        arrays = self._arrays
+        return sum(a.nbytes for a in arrays if a is not None) if arrays is not None else 0
+
+    def member(
+        self, index: int, *, name: str, dtype: ir.DataType, shape: ir.Shape
+    ) -> SharedTensor:
+        """The lazy tensor holding array ``index`` of the result."""
+        return SharedTensor(self, index, name=name, dtype=dtype, shape=shape)
+
+    def take(self, index: int) -> np.ndarray:
+        """Array ``index``, computing the group if needed; the group lets go of it."""
+        with self._lock:
+            if self._arrays is None or self._arrays[index] is None:
+                self._arrays = list(self._fn(self.source.numpy()))
+                self.computations += 1
+            array = self._arrays[index]
+            assert array is not None
+            self._arrays[index] = None
+            if all(a is None for a in self._arrays):
+                self._arrays = None
+            return array
+
+
+class SharedTensor(ir.LazyTensor):
+    """One array of a :class:`SharedComputation`, as a lazy tensor."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(
+        self,
+        group: SharedComputation,
+        index: int,
+        *,
+        name: str,
+        dtype: ir.DataType,
+        shape: ir.Shape,
+    ) -> None:
+        super().__init__(self._compute, dtype=dtype, shape=shape, name=name)
+        self.group = group
+        self.index = index
+
+    def _compute(self) -> ir.TensorProtocol:
+        array = self.group.take(self.index)
+        return ir.Tensor(array.reshape(self.shape.numpy()), dtype=self.dtype, name=self.name)
 
 
 def computed_whole_when_written(tensor: ir.TensorProtocol) -> bool:

@@ -120,6 +120,12 @@ class PassManager:
                     f"parts then: {', '.join(current)}"
                 )
             current = step.pass_.output_parts(current)
+        for position, step in enumerate(self.steps):
+            # A pass may need a later one (quantize's q4f16 needs fp16): it says what is missing.
+            check = getattr(step.pass_, "check_following", None)
+            problem = check([s.pass_ for s in self.steps[position + 1 :]]) if check else None
+            if problem:
+                raise SurgeryError(f"{step.origin}: {problem}")
 
     def check_context(self) -> None:
         """Check, before any work, that every pass agrees with the context (the chunk limit)."""

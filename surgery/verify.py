@@ -169,8 +169,15 @@ class _Runner:
         return outputs[0], outputs[1:]
 
     def greedy(
-        self, inputs: dict[str, np.ndarray], steps: int, eos: set[int], pad: int
+        self,
+        inputs: dict[str, np.ndarray],
+        steps: int,
+        eos: set[int],
+        pad: int,
+        forced: np.ndarray | None = None,
     ) -> GreedyResult:
+        """Greedy tokens and logits; with ``forced`` ([batch, steps]), teacher-forced: those
+        tokens are fed instead of the argmax (the logits are still this model's)."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         batch = ids.shape[0]
         positions = _position_ids(mask)
@@ -179,10 +186,12 @@ class _Runner:
         )
         unfinished = np.ones(batch, dtype=bool)
         tokens, all_logits = [], []
-        for _ in range(steps):
+        for index in range(steps if forced is None else forced.shape[1]):
             logits, past = self.step(inputs, ids, mask, positions, past)
             last = logits[:, -1].astype(np.float32)
-            chosen = np.where(unfinished, last.argmax(-1), pad)
+            chosen = (
+                np.where(unfinished, last.argmax(-1), pad) if forced is None else forced[:, index]
+            )
             tokens.append(chosen)
             all_logits.append(last)
             unfinished &= ~np.isin(chosen, list(eos))
@@ -268,6 +277,27 @@ def compare(reference: GreedyResult, got: GreedyResult, label: str) -> tuple[boo
     return False, "\n".join(lines)
 
 
+#: Suffixes of quantized files. Their greedy tokens legitimately flip at near-ties (random tiny
+#: weights have many), so they are compared with the fp32 files teacher-forced instead.
+QUANTIZED_SUFFIXES = ("_quantized", "_int8", "_uint8", "_q4", "_q4f16", "_bnb4")
+
+
+def teacher_forced(reference: GreedyResult, got: GreedyResult, label: str) -> str:
+    """Top-1 agreement and logits cosine of ``got`` (run teacher-forced along ``reference``'s
+    tokens) against ``reference``, over every row and step."""
+    agree, cosines = [], []
+    for step, want in enumerate(reference.logits):
+        have = got.logits[step]
+        agree.extend((have.argmax(-1) == reference.tokens[:, step]).tolist())
+        norms = np.linalg.norm(have, axis=-1) * np.linalg.norm(want, axis=-1)
+        cosines.extend(((have * want).sum(-1) / np.maximum(norms, 1e-30)).tolist())
+    return (
+        f"{label}\n  teacher-forced along the fp32 greedy path: top-1 agreement "
+        f"{sum(agree)}/{len(agree)} ({100 * sum(agree) / len(agree):.1f}%), logits cosine "
+        f"min {min(cosines):.6f} mean {float(np.mean(cosines)):.6f}"
+    )
+
+
 def _special_tokens(checkpoint: Path) -> tuple[set[int], int]:
     from transformers import GenerationConfig
 
@@ -290,7 +320,9 @@ def verify(
     """Compare greedy tokens of ``target`` (a Transformers.js folder or an ``.onnx``) with PyTorch.
 
     Cases: the first prompt alone (batch 1), then every prompt together (a left-padded batch)
-    when there are several. Returns whether all cases match, and the report.
+    when there are several. Returns whether all cases match, and the report. Quantized files
+    (:data:`QUANTIZED_SUFFIXES`) are instead run teacher-forced along the fp32 files' greedy
+    path; the report gives top-1 agreement and logits cosine, and the result is True.
     """
     from surgery.checkpoint_checks import check_checkpoint
 
@@ -306,6 +338,8 @@ def verify(
         if target.suffix == ".onnx"
         else PartsRunner(target, suffix)
     )
+    quantized = suffix in QUANTIZED_SUFFIXES and isinstance(runner, PartsRunner)
+    fp32 = PartsRunner(target) if quantized else None
     prompts = list(prompts or DEFAULT_PROMPTS)
     cases = [("batch 1", prompts[:1], images[:1] if images else None)]
     if len(prompts) > 1:
@@ -314,6 +348,11 @@ def verify(
     ok, reports = True, []
     for label, case_prompts, case_images in cases:
         inputs = processor_inputs(checkpoint, case_prompts, case_images)
+        if fp32 is not None:
+            reference = fp32.greedy(inputs, max_new_tokens, eos, pad)
+            forced = runner.greedy(inputs, max_new_tokens, eos, pad, forced=reference.tokens)
+            reports.append(teacher_forced(reference, forced, f"{label}: {case_prompts}"))
+            continue
         reference = torch_greedy(checkpoint, inputs, max_new_tokens)
         got = runner.greedy(inputs, max_new_tokens, eos, pad)
         same, report = compare(reference, got, f"{label}: {case_prompts}")

@@ -27,7 +27,9 @@ from surgery.verify import processor_inputs, random_images, torch_greedy, verify
 
 MODELS = ["paligemma", "paligemma2", "paligemma2_64px", "paligemma2_window"]
 PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
-SUFFIXES = ["", "_fp16"]
+SUFFIXES = ["", "_fp16"]  # generate PyTorch's tokens exactly
+#: Every dtype the recipe writes: Transformers.js's defaults (fp32, fp16, q8 on wasm, q4f16).
+DTYPE_SUFFIXES = [*SUFFIXES, "_quantized", "_q4f16"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +62,7 @@ def test_layout_follows_the_transformersjs_contract(applied: tuple[Path, Path]) 
         assert isinstance(text[key], int), key
     chunks = config["transformers.js_config"]["use_external_data_format"]
     for part in PARTS:
-        for suffix in SUFFIXES:
+        for suffix in DTYPE_SUFFIXES:
             name = f"{part}{suffix}.onnx"
             assert (out / "onnx" / name).is_file()
             on_disk = sorted(p.name for p in (out / "onnx").glob(f"{name}_data*"))
@@ -76,7 +78,7 @@ def test_layout_follows_the_transformersjs_contract(applied: tuple[Path, Path]) 
     assert (out / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
 
     kv, head_dim, hidden = text["num_key_value_heads"], text["head_dim"], text["hidden_size"]
-    for suffix in SUFFIXES:
+    for suffix in DTYPE_SUFFIXES:
         decoder = onnx.load(
             out / "onnx" / f"decoder_model_merged{suffix}.onnx", load_external_data=False
         )
@@ -119,7 +121,7 @@ def test_layout_follows_the_transformersjs_contract(applied: tuple[Path, Path]) 
 def test_every_part_passes_the_checker_by_path_and_loads(applied: tuple[Path, Path]) -> None:
     out, _ = applied
     files = sorted((out / "onnx").glob("*.onnx"))
-    assert len(files) == len(PARTS) * len(SUFFIXES)
+    assert len(files) == len(PARTS) * len(DTYPE_SUFFIXES)
     for path in files:
         onnx.checker.check_model(str(path), full_check=True)
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -1,0 +1,538 @@
+"""Pass ``quantize``: MatMul weights to 4 or 8 bits as Transformers.js's dtypes want, streamed.
+
+Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.js's
+``scripts/quantize.py``), initializer for initializer:
+
+* ``q4`` (and ``q4f16``, which a later ``fp16`` step completes): ``com.microsoft.MatMulNBits``,
+  4 bits, blocks of ``block_size`` along K, symmetric by default: ``MatMulNBitsQuantizer``
+  (``DefaultWeightOnlyQuantizer.qbits_block_quant``, QOperator format);
+* ``bnb4``: ``com.microsoft.MatMulBnb4``, NF4 or FP4, blocks of 64: ``MatMulBnb4Quantizer``;
+* ``q8`` / ``int8`` / ``uint8``: dynamic 8-bit, ``DynamicQuantizeLinear`` on the activation,
+  ``MatMulInteger``, ``Cast`` and ``Mul`` by the product of the scales: ``ONNXQuantizer`` in
+  ``IntegerOps`` mode with ``MatMulConstBOnly`` (``operators/matmul.py`` ``MatMulInteger``),
+  per tensor or per channel (axis -1), optionally with a reduced range. ``q8`` picks the weight
+  type as Transformers.js does: uint8 when the part has ``Conv``, ``GroupQueryAttention`` or
+  ``MultiHeadAttention`` (onnxruntime-web has no int8 ``ConvInteger``), else int8.
+
+Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels
+(``quantize_matmul_4bits``, ``quantize_matmul_bnb4``) and, for 8 bits, from the quantizer's own
+``quant_utils.quantize_data`` (scale, zero point and values), called per weight exactly as the
+quantizers call them (same padding, transposes, shapes and dtypes), so every initializer is
+byte-identical to theirs; names follow theirs too (``<w>_Q4``, ``<w>_scales``, ``<w>_zero_points``,
+``<w>_Bnb4``, ``<w>_absmax``, ``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``).
+
+Where this departs, and why:
+
+* it streams: ONNX Runtime's quantizers load the whole model and hold every result. Here each
+  weight's outputs are lazy tensors sharing one computation (:class:`surgery.lazy.SharedComputation`)
+  that runs when the writer reaches the first of them and is let go after the last, so a weight
+  is quantized once and only a few are held at a time;
+* it matches the tied ``lm_head`` through its ``Transpose`` (``MatMul(x, Transpose(W))``, as
+  exported, before ``fold-transposes``): the weight is transposed lazily and quantized as the
+  folded initializer would be, under the folded initializer's name;
+* only 2-D weights of MatMul (the exported graph has no other), and for 8 bits only MatMul:
+  ONNX Runtime's ``IntegerOps`` also rewrites ``Conv`` (``ConvInteger``) and ``Gather``, which
+  this pass leaves float;
+* a weight read by several MatMuls is quantized once and shared (``MatMulNBitsQuantizer`` would
+  store one copy per reader); a weight with other readers keeps its float copy for them;
+* ``op_block_list`` / ``node_block_list`` / ``min_elements`` leave MatMuls float, as the
+  ``fp16`` pass's block lists do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import typing
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import pydantic
+from onnx import TensorProto
+
+from surgery.lazy import DerivedTensor, SharedComputation
+from surgery.pass_infra import ModelPass, PassOptions
+from surgery.registry import register
+
+__all__ = ["QUINT8_OPS", "Quantize", "QuantizeOptions"]
+
+logger = logging.getLogger(__name__)
+
+#: Ops whose presence makes ``q8`` store uint8 weights (Transformers.js's ``QUINT8_OPS``).
+QUINT8_OPS = ("Conv", "GroupQueryAttention", "MultiHeadAttention")
+#: Default block size per 4-bit mode (Transformers.js's script: 32 for q4, 64 for bnb4).
+_DEFAULT_BLOCK = {"q4": 32, "q4f16": 32, "bnb4": 64}
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+_MS_DOMAIN = "com.microsoft"
+
+Mode = Literal["q4", "q4f16", "bnb4", "q8", "int8", "uint8"]
+#: Options that apply to some modes only: given for another mode, they are refused.
+_APPLIES = {
+    "block_size": ("q4", "q4f16", "bnb4"),
+    "symmetric": ("q4", "q4f16"),
+    "accuracy_level": ("q4", "q4f16"),
+    "quant_type": ("bnb4",),
+    "per_channel": ("q8", "int8", "uint8"),
+    "reduce_range": ("q8", "int8", "uint8"),
+}
+
+
+class QuantizeOptions(PassOptions):
+    """Options of :class:`Quantize`."""
+
+    mode: Mode = pydantic.Field(
+        description="q4 / q4f16 (MatMulNBits; q4f16 needs a later fp16 step), bnb4 (MatMulBnb4), "
+        "q8 / int8 / uint8 (DynamicQuantizeLinear + MatMulInteger)"
+    )
+    block_size: int | None = pydantic.Field(
+        default=None,
+        description="4-bit modes: values per block along K, a power of two >= 16 "
+        "(default 32 for q4, 64 for bnb4)",
+    )
+    symmetric: bool = pydantic.Field(
+        default=True, description="q4: symmetric blocks (no zero points), as Transformers.js"
+    )
+    accuracy_level: int | None = pydantic.Field(
+        default=None, ge=0, le=4, description="q4: MatMulNBits accuracy_level (0-4; unset: omitted)"
+    )
+    quant_type: Literal["nf4", "fp4"] = pydantic.Field(
+        default="nf4", description="bnb4: the 4-bit data type"
+    )
+    per_channel: bool = pydantic.Field(
+        default=False, description="8-bit modes: one scale per output column instead of per tensor"
+    )
+    reduce_range: bool = pydantic.Field(
+        default=False, description="8-bit modes: weights in 7 bits (for CPUs without VNNI)"
+    )
+    op_block_list: list[str] = pydantic.Field(
+        default_factory=list, description="op types left float (e.g. MatMul)"
+    )
+    node_block_list: list[str] = pydantic.Field(
+        default_factory=list, description="fnmatch patterns of node names left float"
+    )
+    min_elements: int = pydantic.Field(
+        default=0, ge=0, description="MatMuls whose weight has fewer elements stay float"
+    )
+
+    @pydantic.field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"expected a power of two >= 16, got {value}")
+        return value
+
+    @pydantic.field_validator(*_APPLIES)
+    @classmethod
+    def _fits_mode(cls, value: object, info: pydantic.ValidationInfo) -> object:
+        mode = info.data.get("mode")
+        modes = _APPLIES[typing.cast(str, info.field_name)]
+        if mode is not None and mode not in modes:
+            raise ValueError(f"does not apply to mode {mode} (only to {', '.join(modes)})")
+        return value
+
+    @property
+    def block(self) -> int:
+        """The block size in effect for a 4-bit mode."""
+        return self.block_size or _DEFAULT_BLOCK[self.mode]
+
+
+@dataclasses.dataclass
+class _Weight:
+    """A MatMul weight as the quantizer sees it: ``[K, N]``, and where it comes from."""
+
+    key: ir.Value  # the value the MatMuls read as B (the initializer, or a Transpose's output)
+    name: str
+    tensor: ir.TensorProtocol  # [K, N], lazy when transposed
+    transpose: ir.Node | None  # the Transpose between the initializer and the MatMuls
+
+
+def _kernels() -> typing.Any:
+    """ONNX Runtime's packing kernels (imported late: CLI start-up need not load ONNX Runtime)."""
+    from onnxruntime.capi import _pybind_state
+
+    return _pybind_state
+
+
+def _q4_arrays(
+    weight: np.ndarray, block_size: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed values, scales and zero points: ``DefaultWeightOnlyQuantizer.qbits_block_quant``."""
+    rows, cols = weight.shape
+    k_blocks = (rows + block_size - 1) // block_size
+    blob_size = (block_size + 1) // 2
+    pad = k_blocks * block_size - rows
+    if pad:
+        weight = np.pad(weight, ((0, pad), (0, 0)), "constant")
+    weight = np.ascontiguousarray(weight)
+    packed = np.zeros((cols, k_blocks, blob_size), dtype=np.uint8)
+    zero_points = np.zeros((cols, (k_blocks + 1) // 2), dtype=np.uint8)
+    scales = np.zeros((cols, k_blocks), dtype=weight.dtype)
+    _kernels().quantize_matmul_4bits(
+        packed, weight, scales, zero_points, block_size, cols, rows, symmetric
+    )
+    return packed, scales, zero_points
+
+
+def _bnb4_arrays(weight: np.ndarray, block_size: int, quant_type: int) -> tuple[np.ndarray, ...]:
+    """Packed values and absmax: ``MatMulBnb4Quantizer.bnb4_block_quant``."""
+    transposed = weight.transpose().copy()
+    rows, cols = weight.shape
+    numel = rows * cols
+    packed = np.zeros((numel + 1) // 2, dtype=np.uint8)
+    absmax = np.zeros((numel + block_size - 1) // block_size, dtype=weight.dtype)
+    _kernels().quantize_matmul_bnb4(packed, transposed, absmax, block_size, quant_type, cols, rows)
+    return packed, absmax
+
+
+def _q8_arrays(
+    weight: np.ndarray, qtype: int, per_channel: bool, reduce_range: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantized values, scale and zero point as ``ONNXQuantizer.quantize_initializer`` (per
+    tensor) or ``quantize_weight_per_channel`` (axis -1) compute them for a MatMul weight."""
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    symmetric = qtype == TensorProto.INT8  # BaseQuantizer.is_weight_symmetric
+    dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
+    if not per_channel:
+        zero_point, scale, values = quantize_data(weight.flatten(), qtype, symmetric, reduce_range)
+        return (
+            np.asarray(values, dtype=dtype).reshape(weight.shape),
+            np.asarray(scale, dtype=weight.dtype).reshape(()),
+            np.asarray(zero_point, dtype=dtype).reshape(()),
+        )
+    columns = [
+        quantize_data(weight.take(i, -1).flatten(), qtype, symmetric, reduce_range)
+        for i in range(weight.shape[-1])
+    ]
+    values = np.concatenate([np.asarray(q).reshape(-1, 1) for _, _, q in columns], -1)
+    return (
+        np.asarray(values, dtype=dtype).reshape(weight.shape),
+        np.hstack([s for _, s, _ in columns]).astype(weight.dtype),
+        np.hstack([z for z, _, _ in columns]).astype(dtype),
+    )
+
+
+def _transposed(source: ir.TensorProtocol, name: str) -> ir.TensorProtocol:
+    rows, cols = source.shape.numpy()
+    return DerivedTensor(
+        source,
+        lambda array: np.ascontiguousarray(array.T),
+        shape=ir.Shape([cols, rows]),
+        name=name,
+    )
+
+
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(
+        name=tensor.name,
+        shape=typing.cast(ir.Shape, tensor.shape),
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _node(
+    graph: ir.Graph,
+    anchor: ir.Node,
+    op: str,
+    inputs: Sequence[ir.Value | None],
+    name: str,
+    outputs: Sequence[str],
+    domain: str = "",
+    **attrs: int,
+) -> list[ir.Value]:
+    node = ir.Node(
+        domain,
+        op,
+        inputs,
+        attributes=[ir.AttrInt64(k, v) for k, v in attrs.items()],
+        name=name,
+        num_outputs=len(outputs),
+    )
+    for value, output in zip(node.outputs, outputs, strict=True):
+        value.name = output
+    graph.insert_before(anchor, node)
+    return list(node.outputs)
+
+
+def _replace(graph: ir.Graph, node: ir.Node, result: ir.Value) -> None:
+    """``result`` takes the place (uses, name, type) of ``node``'s output; ``node`` goes."""
+    old = node.outputs[0]
+    name = old.name
+    result.type, result.shape = old.type, old.shape
+    ir.convenience.replace_all_uses_with(old, result, replace_graph_outputs=True)
+    old.name = f"{name}_float"
+    graph.remove(node, safe=True)
+    result.name = name
+
+
+def _matches(name: str | None, patterns: list[str]) -> bool:
+    return bool(name) and any(fnmatch.fnmatchcase(name or "", p) for p in patterns)
+
+
+@register
+class Quantize(ModelPass[QuantizeOptions]):
+    """Quantize MatMul weights to 4 or 8 bits, byte for byte as ONNX Runtime's quantizers do.
+
+    q4: MatMulNBits (4 bits, block_size along K, symmetric by default, accuracy_level);
+    q4f16: q4, to be followed by an fp16 step on the same parts (checked before any work);
+    bnb4: MatMulBnb4 (nf4 or fp4, blocks of 64); q8 / int8 / uint8: DynamicQuantizeLinear +
+    MatMulInteger, per tensor or per_channel, reduce_range; q8 stores uint8 weights when the
+    part has Conv / GroupQueryAttention / MultiHeadAttention, else int8 (Transformers.js's rule).
+    Only MatMuls whose B is a constant 2-D float weight, directly or through a Transpose (the tied
+    lm_head), are rewritten. Weights are quantized with ONNX Runtime's kernels when written, each
+    once; a part with nothing to quantize is reported with counts.
+    """
+
+    name = "quantize"
+    summary = (
+        "MatMul weights to q4 / q4f16 / bnb4 / q8 / int8 / uint8 (ONNX Runtime's kernels, streamed)"
+    )
+    Options = QuantizeOptions
+
+    def check_following(self, later: Sequence[ModelPass[typing.Any] | typing.Any]) -> str | None:
+        """q4f16 needs an ``fp16`` step after this one on each of its parts (None: fine)."""
+        if self.options.mode != "q4f16":
+            return None
+        mine = self.parts
+        for pass_ in later:
+            if getattr(pass_, "name", None) != "fp16":
+                continue
+            if getattr(pass_.options, "dtype", "float16") != "float16":
+                continue
+            theirs = pass_.parts
+            if theirs is None or (mine is not None and set(mine) <= set(theirs)):
+                return None
+        return (
+            "mode q4f16 needs an fp16 step (dtype float16) after it on the same parts; "
+            "add `- pass: fp16` with those parts, or use mode q4"
+        )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        counts = {"matmul": 0, "quantized": 0, "computed_b": 0, "blocked": 0, "small": 0}
+        weights: dict[ir.Value, list[ir.Value]] = {}
+        rewrite = self._rewriter(graph)
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain != "":
+                continue
+            counts["matmul"] += 1
+            weight = self._weight(node)
+            if weight is None:
+                counts["computed_b"] += 1
+            elif "MatMul" in self.options.op_block_list or _matches(
+                node.name, self.options.node_block_list
+            ):
+                counts["blocked"] += 1
+            elif weight.tensor.size < self.options.min_elements:
+                counts["small"] += 1
+            else:
+                if weight.key not in weights:
+                    weights[weight.key] = self._quantized_initializers(graph, weight)
+                rewrite(node, weight, weights[weight.key])
+                counts["quantized"] += 1
+        for key in weights:
+            self._drop_float(graph, key)
+        self.statistics = counts
+        if not weights:
+            logger.warning(
+                "quantize: no eligible MatMul in part '%s' (%d MatMul: %d with a computed B, "
+                "%d blocked, %d under min_elements); it stays float",
+                graph.name or "model",
+                counts["matmul"],
+                counts["computed_b"],
+                counts["blocked"],
+                counts["small"],
+            )
+            return ir.passes.PassResult(model, modified=False)
+        if self.options.mode not in ("q8", "int8", "uint8"):
+            model.opset_imports.setdefault(_MS_DOMAIN, 1)
+            graph.opset_imports.setdefault(_MS_DOMAIN, 1)
+        logger.info(
+            "quantize (%s): %d MatMul rewritten, %d weights in part '%s'",
+            self.options.mode,
+            counts["quantized"],
+            len(weights),
+            graph.name or "model",
+        )
+        return ir.passes.PassResult(model, modified=True)
+
+    def _weight(self, node: ir.Node) -> _Weight | None:
+        """The MatMul's B as a constant ``[K, N]`` float weight, or None if it is not one."""
+        b = node.inputs[1] if len(node.inputs) > 1 else None
+        a = node.inputs[0]
+        if b is None or a is None or a.const_value is not None:
+            return None
+        transpose = b.producer()
+        source = b
+        if transpose is not None:
+            if (
+                transpose.op_type != "Transpose"
+                or transpose.domain != ""
+                or list(transpose.attributes.get_ints("perm", [1, 0]) or []) != [1, 0]
+                or transpose.inputs[0] is None
+            ):
+                return None
+            source = transpose.inputs[0]
+        tensor = source.const_value
+        if (
+            tensor is None
+            or not source.is_initializer()
+            or source.is_graph_input()
+            or tensor.dtype not in _FLOATS
+            or len(tensor.shape) != 2
+        ):
+            return None
+        name = b.name or f"{source.name}_transposed"
+        if transpose is not None:
+            return _Weight(b, name, _transposed(tensor, name), transpose)
+        return _Weight(b, name, tensor, None)
+
+    def _quantized_initializers(self, graph: ir.Graph, weight: _Weight) -> list[ir.Value]:
+        """The lazily quantized initializers of one weight, declared together, sharing one run."""
+        options = self.options
+        k, n = (int(d) for d in weight.tensor.shape.numpy())
+        dtype = weight.tensor.dtype
+        w = weight.name
+        fn: Callable[[np.ndarray], Sequence[np.ndarray]]
+        specs: list[tuple[str, ir.DataType, list[int]]]
+        if options.mode in ("q4", "q4f16"):
+            block, symmetric = options.block, options.symmetric
+            k_blocks = -(-k // block)
+            fn = lambda array: _q4_arrays(array, block, symmetric)  # noqa: E731
+            specs = [
+                (f"{w}_Q4", ir.DataType.UINT8, [n, k_blocks, (block + 1) // 2]),
+                (f"{w}_scales", dtype, [n, k_blocks]),
+            ]
+            if not symmetric:
+                specs.append((f"{w}_zero_points", ir.DataType.UINT8, [n, (k_blocks + 1) // 2]))
+        elif options.mode == "bnb4":
+            block, kind = options.block, 1 if options.quant_type == "nf4" else 0
+            fn = lambda array: _bnb4_arrays(array, block, kind)  # noqa: E731
+            specs = [
+                (f"{w}_Bnb4", ir.DataType.UINT8, [(k * n + 1) // 2]),
+                (f"{w}_absmax", dtype, [-(-(k * n) // block)]),
+            ]
+        else:
+            qtype = self._q8_type(graph)
+            per_channel, reduce_range = options.per_channel, options.reduce_range
+            fn = lambda array: _q8_arrays(array, qtype, per_channel, reduce_range)  # noqa: E731
+            itype = ir.DataType(qtype)
+            params = [n] if per_channel else []
+            specs = [
+                (f"{w}_quantized", itype, [k, n]),
+                (f"{w}_scale", dtype, params),
+                (f"{w}_zero_point", itype, params),
+            ]
+        group = SharedComputation(weight.tensor, lambda array: fn(array)[: len(specs)])
+        return [
+            _initializer(graph, group.member(i, name=name, dtype=dtype_, shape=ir.Shape(shape)))
+            for i, (name, dtype_, shape) in enumerate(specs)
+        ]
+
+    def _q8_type(self, graph: ir.Graph) -> int:
+        mode = self.options.mode
+        if mode == "int8" or (
+            mode == "q8" and not any(n.op_type in QUINT8_OPS for n in graph.all_nodes())
+        ):
+            return TensorProto.INT8
+        return TensorProto.UINT8
+
+    def _rewriter(self, graph: ir.Graph) -> Callable[[ir.Node, _Weight, list[ir.Value]], None]:
+        """The function replacing one MatMul by its quantized form, per mode."""
+        options = self.options
+        if options.mode in ("q4", "q4f16", "bnb4"):
+
+            def four_bit(node: ir.Node, weight: _Weight, inits: list[ir.Value]) -> None:
+                k, n = (int(d) for d in weight.tensor.shape.numpy())
+                a = node.inputs[0]
+                if options.mode == "bnb4":
+                    op, tag = "MatMulBnb4", "Bnb4"
+                    attrs = {"K": k, "N": n, "block_size": options.block}
+                    attrs["quant_type"] = 1 if options.quant_type == "nf4" else 0
+                else:
+                    op, tag = "MatMulNBits", "Q4"
+                    attrs = {"K": k, "N": n, "bits": 4, "block_size": options.block}
+                    if options.accuracy_level:  # as ONNX Runtime: 0 is left out
+                        attrs["accuracy_level"] = options.accuracy_level
+                (result,) = _node(
+                    graph,
+                    node,
+                    op,
+                    [a, *inits],
+                    f"{node.name}_{tag}" if node.name else "",
+                    [f"{node.outputs[0].name}_{tag}"],
+                    _MS_DOMAIN,
+                    **attrs,
+                )
+                _replace(graph, node, result)
+
+            return four_bit
+
+        dynamic: dict[ir.Value, list[ir.Value]] = {}
+
+        def eight_bit(node: ir.Node, weight: _Weight, inits: list[ir.Value]) -> None:
+            a = node.inputs[0]
+            assert a is not None
+            out = node.outputs[0]
+            base = node.name or f"{out.name}_matmul"
+            if a not in dynamic:  # one DynamicQuantizeLinear per activation, as ONNXQuantizer
+                dynamic[a] = _node(
+                    graph,
+                    node,
+                    "DynamicQuantizeLinear",
+                    [a],
+                    f"{a.name}_QuantizeLinear",
+                    [f"{a.name}_quantized", f"{a.name}_scale", f"{a.name}_zero_point"],
+                )
+            a_q, a_scale, a_zp = dynamic[a]
+            b_q, b_scale, b_zp = inits
+            (integer,) = _node(
+                graph,
+                node,
+                "MatMulInteger",
+                [a_q, b_q, a_zp, b_zp],
+                f"{base}_quant",
+                [f"{out.name}_output_quantized"],
+            )
+            (cast,) = _node(
+                graph,
+                node,
+                "Cast",
+                [integer],
+                f"{out.name}_output_quantized_cast",
+                [f"{out.name}_output_quantized_cast_output"],
+                to=int(out.dtype or ir.DataType.FLOAT),
+            )
+            (scales,) = _node(
+                graph,
+                node,
+                "Mul",
+                [a_scale, b_scale],
+                f"{base}_scales_mul",
+                [f"{base}_scales_mul:0"],
+            )
+            (result,) = _node(
+                graph, node, "Mul", [cast, scales], f"{base}_output_scale_mul", [f"{out.name}_q8"]
+            )
+            _replace(graph, node, result)
+
+        return eight_bit
+
+    def _drop_float(self, graph: ir.Graph, key: ir.Value) -> None:
+        """Remove the float weight (and its Transpose) once no reader is left."""
+        producer = key.producer()
+        if producer is not None:
+            if key.uses() or key in graph.outputs:
+                return
+            source = producer.inputs[0]
+            graph.remove(producer, safe=True)
+            key = typing.cast(ir.Value, source)
+        name = key.name or ""
+        if not key.uses() and key not in graph.outputs and name in graph.initializers:
+            graph.initializers.pop(name)

@@ -1,0 +1,263 @@
+"""quantize: where it fires, streaming (each weight quantized once, few held), bad input."""
+
+from __future__ import annotations
+
+import logging
+import tracemalloc
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from passes.quantize import Quantize
+from surgery import writer
+from surgery.errors import SurgeryError
+from surgery.io import load_model
+from surgery.lazy import SharedComputation, SharedTensor
+from surgery.recipe import parse_recipe
+
+WIDTH = 256
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(
+        model, path, save_as_external_data=True, location=f"{path.name}.data", size_threshold=0
+    )
+    return path
+
+
+def _chain(tmp_path: Path, layers: int) -> Path:
+    """``layers`` MatMuls in a row, each with its own [WIDTH, WIDTH] weight, on disk."""
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}"))
+        weights.append(
+            numpy_helper.from_array(
+                rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / 16, f"w{i}"
+            )
+        )
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info(f"h{layers}", TensorProto.FLOAT, ["batch", WIDTH])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return _save(model, tmp_path / f"chain{layers}.onnx")
+
+
+def _tied(tmp_path: Path) -> Path:
+    """A Linear, a tied embedding read by Gather and by Transpose → MatMul, a computed B, and a
+    weight shared by two MatMuls."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("MatMul", ["x", "weight"], ["hidden"], name="linear"),
+        helper.make_node("Gather", ["tied", "ids"], ["embedded"], axis=0, name="embed"),
+        helper.make_node("Transpose", ["tied"], ["tied_t"], perm=[1, 0], name="tied_transpose"),
+        helper.make_node("MatMul", ["hidden", "tied_t"], ["logits"], name="lm_head"),
+        helper.make_node("MatMul", ["x", "shared"], ["a"], name="shared_a"),
+        helper.make_node("MatMul", ["hidden", "shared"], ["b"], name="shared_b"),
+        helper.make_node("Transpose", ["x"], ["x_t"], perm=[1, 0], name="x_transpose"),
+        helper.make_node("MatMul", ["x", "x_t"], ["gram"], name="gram"),
+    ]
+    weights = {
+        "weight": rng.standard_normal((64, 64), dtype=np.float32),
+        "tied": rng.standard_normal((48, 64), dtype=np.float32),
+        "shared": rng.standard_normal((64, 32), dtype=np.float32),
+    }
+    outputs = {"embedded": [3, 64], "logits": [3, 48], "a": [3, 32], "b": [3, 32], "gram": [3, 3]}
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [3]),
+        ],
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return _save(model, tmp_path / "tied.onnx")
+
+
+def _groups(model: ir.Model) -> set[SharedComputation]:
+    return {
+        v.const_value.group
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, SharedTensor)
+    }
+
+
+@pytest.mark.parametrize("mode", ["q4", "bnb4", "q8"])
+def test_each_weight_is_quantized_once_and_only_a_few_are_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    import onnxruntime.quantization.quant_utils as quant_utils
+    from onnxruntime.capi import _pybind_state
+
+    calls: list[str] = []
+
+    def counted(name: str, function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return function(*args, **kwargs)
+
+        return call
+
+    kernels = types.SimpleNamespace(
+        quantize_matmul_4bits=counted("4bits", _pybind_state.quantize_matmul_4bits),
+        quantize_matmul_bnb4=counted("bnb4", _pybind_state.quantize_matmul_bnb4),
+    )
+    monkeypatch.setattr("passes.quantize._kernels", lambda: kernels)
+    monkeypatch.setattr(quant_utils, "quantize_data", counted("8bits", quant_utils.quantize_data))
+    monkeypatch.setattr(writer, "AHEAD_BYTES", 64 * 1024)
+
+    peaks = {}
+    for layers in (12, 48):
+        calls.clear()
+        model = load_model(_chain(tmp_path, layers))
+        assert Quantize(mode=mode)(model).modified
+        groups = _groups(model)
+        assert len(groups) == layers
+        assert not calls, "nothing is quantized before the writer reaches it"
+        held: list[int] = []
+        tracemalloc.start()
+        try:
+            writer.save_model(
+                model,
+                tmp_path / f"out{layers}" / "q.onnx",
+                progress=lambda _: held.append(sum(g.held_bytes for g in groups)),  # noqa: B023
+            )
+            peaks[layers] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(calls) == layers, calls  # one kernel call per weight: none twice
+        assert all(g.computations == 1 for g in groups)
+        assert sum(g.held_bytes for g in groups) == 0, "nothing is held after the write"
+        # What the groups hold between writes: members not written yet (a weight's scales).
+        assert max(held) <= writer.external_bytes(model) // layers
+    source = 48 * WIDTH * WIDTH * 4
+    assert peaks[48] < source // 4, peaks  # memory (numpy's, traced) far under the weights
+    # Flat when the model grows: each added layer costs only its graph's bytes (the serialized
+    # protobuf), far less than its quantized weight (>= 1/8 of the fp32 one in every mode). The
+    # 12-layer peak itself varies with how far the writer's threads computed ahead.
+    per_layer = (peaks[48] - peaks[12]) / (48 - 12)
+    assert per_layer < WIDTH * WIDTH * 4 / 16, peaks
+
+
+def _run(path: Path) -> list[np.ndarray]:
+    feeds = {
+        "x": np.random.default_rng(2).standard_normal((3, 64), dtype=np.float32),
+        "ids": np.array([0, 7, 47], np.int64),
+    }
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("mode", ["q4", "bnb4", "q8", "uint8"])
+def test_transposed_tied_and_shared_weights(tmp_path: Path, mode: str) -> None:
+    source = _tied(tmp_path)
+    model = load_model(source)
+    pass_ = Quantize(mode=mode)
+    assert pass_(model).modified
+    graph = model.graph
+    assert pass_.statistics == {
+        "matmul": 5,
+        "quantized": 4,
+        "computed_b": 1,
+        "blocked": 0,
+        "small": 0,
+    }
+    assert len(_groups(model)) == 3, "the shared weight is quantized once for both readers"
+    assert "tied" in graph.initializers, "the Gather keeps the float embedding"
+    assert "weight" not in graph.initializers and "shared" not in graph.initializers
+    assert [n.name for n in graph if n.op_type == "Transpose"] == ["x_transpose"]
+    assert sum(n.op_type == "MatMul" for n in graph) == 1  # the computed B stays float
+    out = tmp_path / "out" / "q.onnx"
+    writer.save_model(model, out)
+    onnx.checker.check_model(str(out), full_check=True)
+    want, got = _run(source), _run(out)
+    np.testing.assert_array_equal(got[0], want[0])  # the Gather is untouched
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert np.abs(g - w).max() < 0.2 * np.abs(w).max(), "quantized, still close"
+
+
+def test_block_lists_and_min_elements_leave_matmuls_float(tmp_path: Path) -> None:
+    model = load_model(_tied(tmp_path))
+    pass_ = Quantize(mode="q4", node_block_list=["shared_*"], min_elements=64 * 48 + 1)
+    assert pass_(model).modified
+    assert pass_.statistics == {
+        "matmul": 5,
+        "quantized": 1,
+        "computed_b": 1,
+        "blocked": 2,
+        "small": 1,
+    }
+    assert [n.name for n in model.graph if n.op_type == "MatMulNBits"] == ["linear_Q4"]
+
+
+def test_a_part_without_eligible_matmul_warns_with_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = load_model(_tied(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="passes.quantize"):
+        assert not Quantize(mode="q8", op_block_list=["MatMul"])(model).modified
+    assert caplog.messages == [
+        "quantize: no eligible MatMul in part 'tied' (5 MatMul: 1 with a computed B, "
+        "4 blocked, 0 under min_elements); it stays float"
+    ]
+
+
+def _recipe(*entries: str) -> str:
+    return "passes:\n" + "".join(f"  - {e}\n" for e in entries)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "{pass: quantize, options: {mode: q3}}",
+            "<recipe>:2: passes[0] (quantize): mode: expected one of "
+            "'q4', 'q4f16', 'bnb4', 'q8', 'int8' or 'uint8', got 'q3'",
+        ),
+        (
+            "{pass: quantize, options: {mode: q4, block_size: 24}}",
+            "<recipe>:2: passes[0] (quantize): block_size: expected a power of two >= 16, got 24",
+        ),
+        (
+            "{pass: quantize, options: {mode: q4, block_size: 8}}",
+            "<recipe>:2: passes[0] (quantize): block_size: expected a power of two >= 16, got 8",
+        ),
+        (
+            "{pass: quantize, options: {mode: q8, block_size: 32}}",
+            "<recipe>:2: passes[0] (quantize): block_size: does not apply to mode q8 "
+            "(only to q4, q4f16, bnb4)",
+        ),
+        (
+            "{pass: quantize, options: {mode: q4f16}}",
+            "<recipe>:2: passes[0] (quantize): mode q4f16 needs an fp16 step (dtype float16) "
+            "after it on the same parts; add `- pass: fp16` with those parts, or use mode q4",
+        ),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(entry: str, message: str) -> None:
+    with pytest.raises(SurgeryError) as info:
+        parse_recipe(_recipe(entry))
+    assert str(info.value) == message
+
+
+def test_q4f16_needs_fp16_on_the_same_parts() -> None:
+    q4f16 = "{pass: quantize, parts: [a, b], options: {mode: q4f16}}"
+    with pytest.raises(SurgeryError, match="mode q4f16 needs an fp16 step"):
+        parse_recipe(_recipe(q4f16, "{pass: fp16, parts: [a]}"))
+    with pytest.raises(SurgeryError, match="mode q4f16 needs an fp16 step"):
+        parse_recipe(_recipe("fp16", q4f16))  # before, not after
+    parse_recipe(_recipe(q4f16, "{pass: fp16, parts: [b, a]}"))
+    parse_recipe(_recipe(q4f16, "fp16"))
