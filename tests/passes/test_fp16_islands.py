@@ -138,8 +138,15 @@ _BEFORE: dict[str, dict[str, Any]] = {
 def _fp16_parts(model_path: Path) -> tuple[dict[str, ir.Model], dict[str, dict[str, set[str]]]]:
     """The recipe's passes up to fp16; the fp16 parts and their islands per kind, by name."""
     bundle = load(model_path)
-    steps = [s for s in load_recipe("paligemma2").steps if s.name != "fold-transposes"]
-    PassManager([s for s in steps if s.name != "fp16"]).run(bundle)
+    recipe = load_recipe("paligemma2")
+    context = recipe.manager().context  # the layout's chunk limit, for split-large-tensors
+    steps = [
+        s
+        for s in recipe.steps
+        if s.name not in ("fold-transposes", "quantize")
+        and not any(p.endswith("_q4f16") for p in s.pass_.parts or ())  # only the _fp16 dtype
+    ]
+    PassManager([s for s in steps if s.name != "fp16"], context=context).run(bundle)
     islands: dict[str, dict[str, set[str]]] = {}
     for part in [p for p in bundle.parts if p.endswith("_fp16")]:
         islands[part] = {}
@@ -147,7 +154,7 @@ def _fp16_parts(model_path: Path) -> tuple[dict[str, ir.Model], dict[str, dict[s
             finder = Fp32Islands(kinds=[kind])
             finder(bundle[part])
             islands[part][kind] = {n.name or "" for n in finder.nodes}
-    PassManager([s for s in steps if s.name == "fp16"]).run(bundle)
+    PassManager([s for s in steps if s.name == "fp16"], context=context).run(bundle)
     return {p: m for p, m in bundle.items() if p.endswith("_fp16")}, islands
 
 
