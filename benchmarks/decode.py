@@ -16,7 +16,13 @@ as Transformers.js's ``generate`` does) and one decode step at past 272, 1040 an
 past; same inputs for both rows); the median of ``--runs`` after one warm-up. The floor is the
 decoder's weight bytes divided by the read bandwidth of this machine, measured in the same run by
 summing a 1 GiB buffer on as many threads: a decode step cannot be faster than reading its
-weights once. onnxruntime-genai's model builder (row (c) of issue 12) is not run here.
+weights once.
+
+Row (c), when ``onnxruntime-genai`` is installed: its model builder (``-p fp32 -e cpu``) on the
+same text weights (a ``Gemma2ForCausalLM`` checkpoint saved from the language model), 2 threads,
+driven by ``og.Generator`` with ``max_length`` 4200 (over the 4096 window): prefill is
+``append_tokens`` of random ids, decode one ``generate_next_token`` after a prompt of the past's
+length.
 
 Usage: python benchmarks/decode.py [--workdir DIR] [--runs N] [--keep]
 """
@@ -156,6 +162,57 @@ def _row(decoder: Path, runs: int) -> list[float]:
     return cells
 
 
+def _genai_row(checkpoint: Path, work: Path, runs: int) -> list[float]:
+    """Row (c): onnxruntime-genai's builder on the language model of ``checkpoint``."""
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoTokenizer, Gemma2ForCausalLM, PaliGemmaForConditionalGeneration
+
+    hf, built = work / "gemma2", work / "genai"
+    paligemma = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    language = Gemma2ForCausalLM(paligemma.config.text_config)
+    language.model.load_state_dict(paligemma.model.language_model.state_dict())
+    language.lm_head.weight = language.model.embed_tokens.weight  # tied, as in PaliGemma
+    language.save_pretrained(hf)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(hf)
+    del paligemma, language
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
+         str(built), "-p", "fp32", "-e", "cpu", "-c", str(work / "genai-cache")],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    config_path = built / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    options = config["model"]["decoder"]["session_options"]
+    options.update(intra_op_num_threads=THREADS, inter_op_num_threads=1)
+    config_path.write_text(json.dumps(config, indent=2))
+    model = og.Model(str(built))
+    rng = np.random.default_rng(0)
+
+    def generator() -> og.Generator:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=4200, do_sample=False)
+        return og.Generator(model, params)
+
+    def ids(n: int) -> np.ndarray:
+        return rng.integers(300, VOCAB - 2000, n).astype(np.int32)
+
+    cells = []
+    for length in PREFILL:
+        prompts = [(generator(), ids(length)) for _ in range(runs + 1)]
+        times = []
+        for gen, prompt in prompts:
+            start = time.perf_counter()
+            gen.append_tokens(prompt)
+            times.append((time.perf_counter() - start) * 1000)
+        cells.append(statistics.median(times[1:]))  # the first is the warm-up
+    for past in PAST:
+        gen = generator()
+        gen.append_tokens(ids(past))
+        cells.append(_median_ms(gen.generate_next_token, runs))
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
@@ -180,6 +237,12 @@ def main() -> None:
         )
         bandwidth = read_bandwidth()
         rows = {label: _row(path, args.runs) for label, path in decoders.items()}
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            print("(c) skipped: onnxruntime-genai is not installed")
+        else:
+            rows["(c) onnxruntime-genai builder"] = _genai_row(checkpoint, work, args.runs)
         floor_ms = weight_bytes / bandwidth * 1000
         head = [f"prefill {n}" for n in PREFILL] + [f"decode, past {p}" for p in PAST]
         print(
@@ -196,6 +259,13 @@ def main() -> None:
             + " | ".join(f"{a / b:.2f}x" for a, b in zip(base, fused, strict=True))
             + " |"
         )
+        genai = rows.get("(c) onnxruntime-genai builder")
+        if genai is not None:
+            print(
+                "| (c) / (b) | "
+                + " | ".join(f"{c / b:.2f}x" for c, b in zip(genai, fused, strict=True))
+                + " |"
+            )
         print(
             f"\nfloor: {weight_bytes / 1e9:.2f} GB of decoder weights / "
             f"{bandwidth / 1e9:.1f} GB/s read ({THREADS} threads) = {floor_ms:.1f} ms/token; "
