@@ -44,8 +44,9 @@ IslandKind = Literal["rmsnorm", "softcap", "softmax"]
 #: The kinds of island :func:`find_islands` knows.
 ISLAND_KINDS: tuple[IslandKind, ...] = ("rmsnorm", "softcap", "softmax")
 
-#: Elementwise ops that may sit between ``Q·Kᵀ`` and the softmax (scale, softcap, mask).
-_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh", "Where", "Cast", "Neg"})
+#: Ops that may sit between ``Q·Kᵀ`` and the softmax: elementwise (scale, softcap, mask) and the
+#: Reshape of ``grouped-attention`` (scores viewed ``[B, kv, n_rep·S, T]`` ↔ ``[B, H, S, T]``).
+_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh", "Where", "Cast", "Neg", "Reshape"})
 #: Ops of the RMSNorm statistics chain after ``ReduceMean``.
 _STAT_OPS = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Cast"})
 #: How far back from a softmax or softcap the score path is followed.

@@ -122,11 +122,11 @@ _BEFORE: dict[str, dict[str, Any]] = {
             {"rmsnorm": 0, "softcap": 0, "softmax": 0}, "e3b0c44298fc1c14",
         ),
         "decoder_model_merged_fp16": (
-            211,
-            {"Add": 20, "And": 1, "Cast": 28, "Concat": 19, "Cos": 1, "Equal": 1, "Expand": 4,
-             "Gelu": 2, "LessOrEqual": 1, "MatMul": 19, "Mul": 23, "Neg": 4, "Or": 1, "Pow": 5,
-             "Range": 2, "Reciprocal": 5, "ReduceMean": 5, "Reshape": 16, "Shape": 7, "Sin": 1,
-             "Slice": 9, "Softmax": 2, "Sqrt": 5, "Squeeze": 6, "Transpose": 11,
+            217,  # logits-to-keep: + Constant 3, Neg, Reshape, Slice
+            {"Add": 20, "And": 1, "Cast": 28, "Concat": 19, "Constant": 3, "Cos": 1, "Equal": 1,
+             "Expand": 4, "Gelu": 2, "LessOrEqual": 1, "MatMul": 19, "Mul": 23, "Neg": 5, "Or": 1,
+             "Pow": 5, "Range": 2, "Reciprocal": 5, "ReduceMean": 5, "Reshape": 17, "Shape": 7,
+             "Sin": 1, "Slice": 10, "Softmax": 2, "Sqrt": 5, "Squeeze": 6, "Transpose": 11,
              "Unsqueeze": 12, "Where": 1},
             {"rmsnorm": 30, "softcap": 0, "softmax": 8},
             "7d760bda8fc6ff10",
@@ -186,14 +186,14 @@ _BEFORE["paligemma2"] = {
         {"rmsnorm": 0, "softcap": 0, "softmax": 0}, "e3b0c44298fc1c14",
     ),
     "decoder_model_merged_fp16": (
-        475,
-        {"Add": 46, "And": 3, "Cast": 68, "Concat": 35, "Cos": 1, "Div": 5, "Equal": 1,
-         "Expand": 8, "Gelu": 4, "Greater": 1, "LessOrEqual": 1, "MatMul": 37, "Mul": 64,
-         "Neg": 8, "Or": 2, "Pow": 17, "Range": 2, "Reciprocal": 17, "ReduceMean": 17,
-         "Reshape": 32, "Shape": 11, "Sin": 1, "Slice": 17, "Softmax": 4, "Sqrt": 17,
+        481,  # logits-to-keep: + Constant 3, Neg, Reshape, Slice
+        {"Add": 46, "And": 3, "Cast": 68, "Concat": 35, "Constant": 3, "Cos": 1, "Div": 5,
+         "Equal": 1, "Expand": 8, "Gelu": 4, "Greater": 1, "LessOrEqual": 1, "MatMul": 37,
+         "Mul": 64, "Neg": 9, "Or": 2, "Pow": 17, "Range": 2, "Reciprocal": 17, "ReduceMean": 17,
+         "Reshape": 33, "Shape": 11, "Sin": 1, "Slice": 18, "Softmax": 4, "Sqrt": 17,
          "Squeeze": 10, "Sub": 1, "Tanh": 5, "Transpose": 21, "Unsqueeze": 17, "Where": 2},
         {"rmsnorm": 102, "softcap": 24, "softmax": 28},
-        "2afab145380cba41",
+        "339dfc59d7fd3d5f",  # logits-to-keep renames the lm_head MatMul (it is in an island)
     ),
 }  # fmt: skip
 

@@ -1,0 +1,147 @@
+"""grouped-attention: Gemma attention without the repeat_kv copy, on the exported tiny PaliGemmas.
+
+The rule fires once per layer (softcap or none), no Expand is left, and the rewritten graph gives
+the logits and presents of the exported one in ONNX Runtime (max |Δ| ≤ 1e-4; printed with
+``pytest -s``): prefill with an image and a left-padded row, then decode steps with the past,
+including a prompt longer than the sliding window. A graph that is not what the exporter writes
+is left alone, and ``explain`` says why.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from passes import GroupedAttention
+from surgery import PassManager, SurgeryError, load, save
+
+MODELS = ["paligemma", "paligemma2", "paligemma2_window"]
+
+
+def _feeds(checkpoint: Path, session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Prefill: image tokens then 5 text tokens, batch 2, the second row left-padded by 3."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    vision = config["vision_config"]
+    image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    image_token = int(config["image_token_index"])
+    rng = np.random.default_rng(0)
+    batch = 2
+    text = rng.integers(3, 300, (batch, 5))
+    ids = np.concatenate([np.full((batch, image_tokens), image_token), text], 1).astype(np.int64)
+    ids[1, :3] = 0
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": ids,
+        "pixel_values": rng.standard_normal(
+            (batch, 3, vision["image_size"], vision["image_size"]), dtype=np.float32
+        ),
+        "attention_mask": mask,
+        "position_ids": np.where(mask == 0, 1, np.cumsum(mask, -1)).astype(np.int64),
+    }
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((batch, value.shape[1], 0, value.shape[3]), np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("prefix", MODELS)
+def test_fires_per_layer_and_matches_the_exported_graph(
+    prefix: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    exported: Path = request.getfixturevalue(f"{prefix}_onnx")
+    checkpoint: Path = request.getfixturevalue(f"{prefix}_checkpoint")
+    layers = json.loads((checkpoint / "config.json").read_text())["text_config"][
+        "num_hidden_layers"
+    ]
+    bundle = load(exported)
+    grouped = GroupedAttention(expect={"attention": layers})
+    assert PassManager([grouped]).run(bundle) is True
+    assert grouped.statistics == {"attention": layers}
+    graph = bundle["model"].graph
+    assert not [n for n in graph if n.op_type == "Expand"], "no repeat_kv copy is left"
+    fused_path = save(bundle, tmp_path / "fused", progress=False) / "model.onnx"
+    unfused = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in unfused.get_outputs()]
+    assert [o.name for o in fused.get_outputs()] == names
+    feeds = _feeds(checkpoint, unfused)
+    window = json.loads((checkpoint / "config.json").read_text())["text_config"].get(
+        "sliding_window"
+    )
+    for step in range(4):
+        expected = dict(zip(names, unfused.run(None, feeds), strict=True))
+        got = dict(zip(names, fused.run(None, feeds), strict=True))
+        compared = ["logits", *(n for n in names if n.startswith("present."))]
+        delta = max(float(np.abs(got[n] - expected[n]).max()) for n in compared)
+        length = feeds["attention_mask"].shape[1]
+        print(f"{prefix} step {step} (total {length}, window {window}): max |delta| {delta:.3g}")
+        assert delta <= 1e-4, (step, delta)
+        next_ids = expected["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        feeds["input_ids"] = next_ids
+        feeds["attention_mask"] = np.concatenate(
+            [feeds["attention_mask"], np.ones_like(next_ids)], 1
+        )
+        feeds["position_ids"] = feeds["position_ids"][:, -1:] + 1
+        for name in list(feeds):
+            if name.startswith("past_key_values."):
+                feeds[name] = expected[name.replace("past_key_values.", "present.")]
+    if window is not None and prefix.endswith("window"):
+        assert feeds["attention_mask"].shape[1] > window + 3, "prefill and decode past the window"
+
+
+def _mutated(model: ir.Model, how: str) -> None:
+    """Change every layer's attention into something the rule must not rewrite."""
+    graph = model.graph
+    for node in list(graph):
+        if how == "cap" and node.op_type == "Tanh":
+            (mul,) = [use.node for use in node.outputs[0].uses()]
+            other = ir.Value(name=f"{mul.name}.cap", type=ir.TensorType(ir.DataType.FLOAT))
+            other.const_value = ir.tensor(np.array(20.0, np.float32), name=other.name)
+            graph.register_initializer(other)
+            mul.replace_input_with(1, other)
+        if how == "repeat" and node.op_type == "Expand":
+            unsqueeze = node.inputs[0].producer()  # type: ignore[union-attr]
+            assert unsqueeze is not None and unsqueeze.op_type == "Unsqueeze"
+            axes = ir.Value(name=f"{unsqueeze.name}.axes", type=ir.TensorType(ir.DataType.INT64))
+            axes.const_value = ir.tensor(np.array([1], np.int64), name=axes.name)
+            graph.register_initializer(axes)
+            unsqueeze.replace_input_with(1, axes)
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("cap", "matched but its check failed at node"),
+        ("repeat", "matched but its check failed at node"),
+    ],
+)
+def test_refuses_attention_it_does_not_know(how: str, reason: str, paligemma2_onnx: Path) -> None:
+    model = load(paligemma2_onnx)["model"]
+    _mutated(model, how)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    stream = io.StringIO()
+    grouped = GroupedAttention(explain=True)
+    grouped.explain_stream = stream
+    assert grouped(model).modified is False
+    assert grouped.statistics == {"attention": 0}
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+    text = stream.getvalue()
+    assert text.startswith("grouped-attention: rule 'attention' did not fire: ")
+    assert reason in text
+    detail = {
+        "cap": "the softcap is not c·tanh(s/c) with one constant c",
+        "repeat": "does not unsqueeze axis 2",
+    }[how]
+    assert detail in text, text
+    with pytest.raises(SurgeryError) as info:
+        GroupedAttention(expect={"attention": 4})(model)
+    assert str(info.value) == (
+        f"grouped-attention: rule 'attention' fired 0 times in '{model.graph.name}', expected 4"
+    )
