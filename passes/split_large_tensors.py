@@ -213,16 +213,28 @@ class _Splitter:
                 tag = self._tag("rows", i)
                 block = self._rows(i, start, stop)
                 block_t = self._insert(node, "Transpose", [block], f"{tag}.transpose", perm=[1, 0])
-                outputs.append(self._insert(node, "MatMul", [x, block_t], f"{tag}.matmul"))
+                block_t.type, block_t.shape = block.type, ir.Shape([cols, stop - start])
+                outputs.append(self._matmul(node, x, block_t, stop - start, f"{tag}.matmul"))
         else:
             for i, (start, stop) in enumerate(self._blocks(cols, rows)):
                 tag = self._tag("cols", i)
                 block = self._initializer(_column_block(self.tensor, start, stop, tag))
-                outputs.append(self._insert(node, "MatMul", [x, block], f"{tag}.matmul"))
+                outputs.append(self._matmul(node, x, block, stop - start, f"{tag}.matmul"))
         concat = self._insert(
             node, "Concat", outputs, f"{self.name}.concat.use{self._uses}", axis=-1
         )
         self._replace(node, concat)
+
+    def _matmul(
+        self, anchor: ir.Node, x: ir.Value, block: ir.Value, width: int, name: str
+    ) -> ir.Value:
+        """``MatMul(x, block)`` typed like ``x`` with its last dim ``width`` (later passes, e.g.
+        fp16 after quantize turns it into a contrib op, need every value typed)."""
+        out = self._insert(anchor, "MatMul", [x, block], name)
+        out.type = x.type
+        if x.shape is not None:
+            out.shape = ir.Shape([*list(x.shape)[:-1], width])
+        return out
 
     def run(self) -> None:
         for use in list(self.value.uses()):

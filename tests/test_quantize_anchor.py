@@ -143,6 +143,8 @@ def _feed(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]
             feed[meta.name] = np.ones(shape, np.int64)
         elif meta.name == "position_ids":
             feed[meta.name] = np.arange(3, 6, dtype=np.int64).reshape(shape)
+        elif meta.name == "num_logits_to_keep":
+            feed[meta.name] = np.array(0, np.int64)  # every position's logits
         else:
             feed[meta.name] = rng.standard_normal(shape).astype(np.float32)
     return feed

@@ -76,6 +76,11 @@ def test_toy_outputs_unchanged_and_every_tensor_under_the_limit(tmp_path: Path) 
     blocks = [n for n in sizes if re.fullmatch(r"table\.rows\d+", n)]
     assert len(blocks) == 4, "one set of row blocks, shared by both readers"
     assert sorted(sizes[n] // (COLS * 4) for n in blocks) == [2, 2, 3, 3], "balanced blocks"
+    made = [v for node in graph for v in node.outputs if node.op_type in ("MatMul", "Transpose")]
+    untyped = [v.name for v in made if v.dtype is None or v.shape is None]
+    assert not untyped, "later passes (fp16 after quantize) need every new value typed"
+    tied = {v.name: list(v.shape) for v in made if v.name.endswith(".matmul_out")}  # type: ignore[arg-type]
+    assert all(shape[0] == "batch" and shape[1] in (2, 3) for shape in tied.values()), tied
     save(bundle, tmp_path / "out", progress=False)
     before, after = _run(source), _run(tmp_path / "out" / "toy.onnx")
     np.testing.assert_array_equal(after[0], before[0])  # Gather: the very same rows
