@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 KEEP_INPUT = "num_logits_to_keep"
 #: The output whose positions the input selects.
 LOGITS_OUTPUT = "logits"
+#: The sequence axis of values computed from the sliced hidden states (the kept positions).
+KEPT_DIM = "num_logits"
 
 #: Elementwise ops allowed between the lm_head and the logits, with a one-element constant beside.
 _SCALAR_OPS = frozenset({"Div", "Mul", "Add", "Sub"})
@@ -216,7 +218,30 @@ class LogitsToKeep(RewritePass[RewriteOptions]):
         finally:
             if existing is None and not self._keep.uses():
                 graph.inputs.remove(self._keep)
+        if result.modified:
+            _rename_kept_axis(self._keep)
         return result
+
+
+def _rename_kept_axis(keep: ir.Value) -> None:
+    """Name the sequence axis of every [batch, sequence, x] value computed from ``keep`` (the
+    sliced hidden states, the lm_head blocks, the softcap, ``logits``) :data:`KEPT_DIM`.
+
+    The rewrite leaves them the shapes they had before the slice; a runtime that trusts dim names
+    (ONNX Runtime reuses buffers of equal symbolic shape) would take them for prompt-long.
+    """
+    frontier, seen = [keep], set()
+    while frontier:
+        value = frontier.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.shape is not None and len(value.shape) == 3:
+            dims = list(value.shape)
+            dims[1] = ir.SymbolicDim(KEPT_DIM)
+            value.shape = ir.Shape(dims)
+        for user, _ in value.uses():
+            frontier.extend(user.outputs)
 
 
 def _lm_head(op: Any, h: Any, w: Any) -> Any:
