@@ -29,12 +29,11 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Literal
 
-import numpy as np
 import onnx_ir as ir
 import pydantic
 from onnxscript.rewriter import pattern
 
-from surgery.rewrite import RewriteOptions, RewritePass
+from surgery.rewrite import RewriteOptions, RewritePass, scalar_constant
 
 __all__ = ["ISLAND_KINDS", "Fp32Islands", "IslandKind", "find_islands"]
 
@@ -62,19 +61,6 @@ def _is_constant(value: ir.Value | None) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    """The value of a one-element constant, or None."""
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        producer = value.producer()
-        if producer is None or producer.op_type != "Constant" or "value" not in producer.attributes:
-            return None
-        tensor = producer.attributes["value"].as_tensor()
-    if tensor.size != 1:
-        return None
-    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
 
 
 def _rmsnorm_closure(reduce_mean: ir.Node, square: ir.Node, x: ir.Value) -> set[ir.Node]:
@@ -135,7 +121,7 @@ def _squared_by_mul(op: Any, x: Any) -> Any:
 
 def _is_two(context: Any, two: ir.Value, **_: Any) -> pattern.MatchResult:
     result = pattern.MatchResult()
-    if _scalar(two) != 2.0:
+    if scalar_constant(two) != 2.0:
         result.fail("the exponent is not the constant 2", two)
     return result
 
@@ -163,7 +149,7 @@ def _capped_mul_left(op: Any, s: Any, c: Any, c_out: Any) -> Any:
 def _caps_are_scalars(context: Any, c: ir.Value, c_out: ir.Value, **_: Any) -> pattern.MatchResult:
     result = pattern.MatchResult()
     for value in (c, c_out):
-        if _scalar(value) is None:
+        if scalar_constant(value) is None:
             return result.fail("the cap is not a one-element constant", value)
     return result
 

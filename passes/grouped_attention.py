@@ -37,7 +37,7 @@ import onnx_ir.passes.common
 from onnxscript.rewriter import pattern
 
 from surgery.registry import register
-from surgery.rewrite import RewriteOptions, RewritePass
+from surgery.rewrite import RewriteOptions, RewritePass, scalar_constant
 
 __all__ = ["GroupedAttention"]
 
@@ -78,20 +78,6 @@ def _plain(op: Any, q: Any, k: Any, v: Any, mask: Any, scale: Any,
     return _attend(op, scores, mask, v, v_axes, v_shape5, v_shape4)
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    """The value of a one-element constant, or None."""
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        producer = value.producer()
-        attr = producer.attributes.get("value") if producer is not None else None
-        if producer is None or producer.op_type != "Constant" or attr is None:
-            return None
-        tensor = attr.as_tensor()
-    if tensor.size != 1:
-        return None
-    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
@@ -202,9 +188,9 @@ def _check(
     assert softmax is not None
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         return result.fail("the softmax is not over the last axis", probs)
-    if _scalar(scale) is None:
+    if scalar_constant(scale) is None:
         return result.fail("the score scale is not a one-element constant", scale)
-    if cap is not None and (_scalar(cap) is None or _scalar(cap) != _scalar(cap_out)):
+    if cap is not None and (scalar_constant(cap) is None or scalar_constant(cap) != scalar_constant(cap_out)):
         return result.fail("the softcap is not c·tanh(s/c) with one constant c", cap)
     key = _Geometry(k, k_axes, k_rep5, k_rep)
     if key.reason:

@@ -32,7 +32,7 @@ from onnxscript.rewriter import pattern
 
 from surgery.errors import SurgeryError
 from surgery.registry import register
-from surgery.rewrite import RewriteOptions, RewritePass
+from surgery.rewrite import RewriteOptions, RewritePass, scalar_constant
 
 __all__ = ["KEEP_INPUT", "LOGITS_OUTPUT", "LogitsToKeep"]
 
@@ -74,19 +74,6 @@ def _weight_reason(w: ir.Value) -> str | None:
     return None
 
 
-def _is_scalar_constant(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    tensor = value.const_value
-    if tensor is None:
-        producer = value.producer()
-        if producer is None or producer.op_type != "Constant":
-            return False
-        attr = producer.attributes.get("value")
-        if attr is None:
-            return False
-        tensor = attr.as_tensor()
-    return tensor.size == 1
 
 
 def _slice_source(value: ir.Value) -> ir.Value | None:
@@ -144,7 +131,7 @@ def _path_reason(start: ir.Value, h: ir.Value, graph: ir.Graph) -> str | None:
                 if not all(v is not None and _head_block(v, h) for v in others):
                     return f"Concat '{user.name}' joins it with values that are not lm_head blocks"
             elif op in _SCALAR_OPS:
-                if not all(_is_scalar_constant(v) for v in others):
+                if not all(scalar_constant(v) is not None for v in others):
                     return f"{op} '{user.name}' combines it with a value that is not a one-element constant"
             elif op not in _UNARY_OPS:
                 return f"its result is read by {op} '{user.name}', which may mix positions"

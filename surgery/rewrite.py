@@ -29,6 +29,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, ClassVar, TextIO, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 import pydantic
 from onnxscript.rewriter import pattern
@@ -36,7 +37,7 @@ from onnxscript.rewriter import pattern
 from surgery.errors import SurgeryError
 from surgery.pass_infra import ModelPass, PassOptions
 
-__all__ = ["RewriteOptions", "RewritePass", "rule_name"]
+__all__ = ["RewriteOptions", "RewritePass", "rule_name", "scalar_constant"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,3 +201,22 @@ def _why_not(rule: str, info: Any) -> str | None:
         pattern.MatchStatus.REPLACEMENT_FAILED: "matched but its replacement failed",
     }[status]
     return f"rule '{rule}' did not fire: {kind} {at}: {reason}{where}"
+
+
+def scalar_constant(value: ir.Value | None) -> float | None:
+    """The value of a one-element constant (an initializer or a ``Constant`` node), or None.
+
+    Rules check such operands (a scale, a softcap, an exponent) in their ``check`` functions.
+    """
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        producer = value.producer()
+        attr = producer.attributes.get("value") if producer is not None else None
+        if producer is None or producer.op_type != "Constant" or attr is None:
+            return None
+        tensor = attr.as_tensor()
+    if tensor.size != 1:
+        return None
+    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
