@@ -10,9 +10,6 @@ under Node) runs one model too.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +17,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import yaml
+from _js_client import image_at_processor_size, node_generate, require_transformers_js
 
 from surgery.cli import main
 from surgery.recipe import find_recipe
-from surgery.verify import processor_inputs, random_images, torch_greedy, verify
+from surgery.verify import processor_inputs, torch_greedy, verify
 
 MODELS = ["paligemma", "paligemma2", "paligemma2_64px", "paligemma2_window"]
 PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
 SUFFIXES = ["", "_fp16"]  # generate PyTorch's tokens exactly
 #: Every dtype the recipe writes: Transformers.js's defaults (fp32, fp16, q8 on wasm, q4f16).
 DTYPE_SUFFIXES = [*SUFFIXES, "_quantized", "_q4f16"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _apply(model: Path, out: Path, *extra: str, recipe: str | Path = "paligemma2") -> Path:
@@ -178,46 +175,16 @@ def test_small_chunks_stay_under_the_limit_and_keep_parity(
     assert ok, report
 
 
-def _node_generate(
-    folder: Path, image: Path, prompt: str, steps: int, dtype: str
-) -> dict[str, list[list[int]]]:
-    result = subprocess.run(
-        [
-            "node",
-            str(REPO / "tests" / "js" / "generate.mjs"),
-            str(folder),
-            str(image),
-            prompt,
-            str(steps),
-            dtype,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_transformersjs_in_node_generates_the_same_tokens(
     paligemma2_onnx: Path, paligemma2_checkpoint: Path, tmp_path: Path, dtype: str
 ) -> None:
-    if shutil.which("node") is None:
-        message = "node is not installed: the Transformers.js client test is SKIPPED"
-        warnings.warn(message, stacklevel=1)
-        pytest.skip(message)
-    assert (REPO / "node_modules" / "@huggingface" / "transformers").is_dir(), (
-        "Transformers.js is not installed; run `npm ci --ignore-scripts` (scripts/test does)"
-    )
+    require_transformers_js()
     # Chunked weights too: the client must find and load every chunk.
     out = _apply(paligemma2_onnx, tmp_path / "out", recipe=_small_chunk_recipe(tmp_path, 150_000))
-    size = json.loads((out / "preprocessor_config.json").read_text())["size"]["height"]
-    image = tmp_path / "image.png"
-    random_images(size, 1)[0].save(image)  # already at the processor's size: no resize differences
+    image = image_at_processor_size(out, tmp_path)
     prompt, steps = "caption en", 20
-    got = _node_generate(out, image, prompt, steps, dtype)
+    got = node_generate(out, image, prompt, steps, dtype)
     inputs = processor_inputs(paligemma2_checkpoint, [prompt], [image])
     np.testing.assert_array_equal(np.asarray(got["input_ids"]), inputs["input_ids"])
     reference = torch_greedy(paligemma2_checkpoint, inputs, steps)

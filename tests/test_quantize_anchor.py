@@ -13,10 +13,6 @@ Node loads each dtype from the same folder and generates the tokens our ONNX Run
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +21,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import yaml
+from _js_client import image_at_processor_size, node_generate, require_transformers_js
 from onnx import numpy_helper
 
 from surgery.cli import main
 from surgery.recipe import find_recipe
-from surgery.verify import PartsRunner, processor_inputs, random_images, teacher_forced
-
-REPO = Path(__file__).resolve().parents[1]
+from surgery.verify import PartsRunner, processor_inputs, teacher_forced
 
 PARTS = ["vision_encoder", "decoder_model_merged"]  # embed_tokens has no MatMul
 ALL_PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
@@ -219,34 +214,10 @@ def test_transformersjs_in_node_loads_each_dtype_and_generates_our_tokens(
 ) -> None:
     """The real client loads the quantized files by dtype and generates the tokens our own
     ONNX Runtime driver generates from the same files (batch 1, no padding)."""
-    if shutil.which("node") is None:
-        message = "node is not installed: the Transformers.js client test is SKIPPED"
-        warnings.warn(message, stacklevel=1)
-        pytest.skip(message)
-    assert (REPO / "node_modules" / "@huggingface" / "transformers").is_dir(), (
-        "Transformers.js is not installed; run `npm ci --ignore-scripts` (scripts/test does)"
-    )
-    size = json.loads((folder / "preprocessor_config.json").read_text())["size"]["height"]
-    image = tmp_path / "image.png"
-    random_images(size, 1)[0].save(image)
+    require_transformers_js()
+    image = image_at_processor_size(folder, tmp_path)
     prompt, steps = "caption en", 10
-    result = subprocess.run(
-        [
-            "node",
-            str(REPO / "tests" / "js" / "generate.mjs"),
-            str(folder),
-            str(image),
-            prompt,
-            str(steps),
-            dtype,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    got = node_generate(folder, image, prompt, steps, dtype)
     inputs = processor_inputs(paligemma2_checkpoint, [prompt], [image])
     np.testing.assert_array_equal(np.asarray(got["input_ids"]), inputs["input_ids"])
     from transformers import GenerationConfig
