@@ -14,12 +14,11 @@ Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.
   type as Transformers.js does: uint8 when the part has ``Conv``, ``GroupQueryAttention`` or
   ``MultiHeadAttention`` (onnxruntime-web has no int8 ``ConvInteger``), else int8.
 
-Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels
-(``quantize_matmul_4bits``, ``quantize_matmul_bnb4``) and, for 8 bits, from the quantizer's own
-``quant_utils.quantize_data`` (scale, zero point and values), called per weight exactly as the
-quantizers call them (same padding, transposes, shapes and dtypes), so every initializer is
-byte-identical to theirs; names follow theirs too (``<w>_Q4``, ``<w>_scales``, ``<w>_zero_points``,
-``<w>_Bnb4``, ``<w>_absmax``, ``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``).
+Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels and, for 8
+bits, from its quantizer's own ``quantize_data``, called per weight as its quantizers call them
+(:mod:`passes.quantize_kernels`), so every initializer is byte-identical to theirs; names follow
+theirs too (``<w>_Q4``, ``<w>_scales``, ``<w>_zero_points``, ``<w>_Bnb4``, ``<w>_absmax``,
+``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``). This module matches and rewrites the graph.
 
 Where this departs, and why:
 
@@ -53,7 +52,14 @@ import onnx_ir as ir
 import pydantic
 from onnx import TensorProto
 
-from surgery.lazy import DerivedTensor, SharedComputation
+from passes.quantize_kernels import (
+    bnb4_arrays,
+    q4_arrays,
+    q8_arrays,
+    shared_initializers,
+    transposed,
+)
+from passes.quantize_kernels import ort_kernels as _kernels
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 
@@ -147,93 +153,6 @@ class _Weight:
     name: str
     tensor: ir.TensorProtocol  # [K, N], lazy when transposed
     transpose: ir.Node | None  # the Transpose between the initializer and the MatMuls
-
-
-def _kernels() -> typing.Any:
-    """ONNX Runtime's packing kernels (imported late: CLI start-up need not load ONNX Runtime)."""
-    from onnxruntime.capi import _pybind_state
-
-    return _pybind_state
-
-
-def _q4_arrays(
-    weight: np.ndarray, block_size: int, symmetric: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Packed values, scales and zero points: ``DefaultWeightOnlyQuantizer.qbits_block_quant``."""
-    rows, cols = weight.shape
-    k_blocks = (rows + block_size - 1) // block_size
-    blob_size = (block_size + 1) // 2
-    pad = k_blocks * block_size - rows
-    if pad:
-        weight = np.pad(weight, ((0, pad), (0, 0)), "constant")
-    weight = np.ascontiguousarray(weight)
-    packed = np.zeros((cols, k_blocks, blob_size), dtype=np.uint8)
-    zero_points = np.zeros((cols, (k_blocks + 1) // 2), dtype=np.uint8)
-    scales = np.zeros((cols, k_blocks), dtype=weight.dtype)
-    _kernels().quantize_matmul_4bits(
-        packed, weight, scales, zero_points, block_size, cols, rows, symmetric
-    )
-    return packed, scales, zero_points
-
-
-def _bnb4_arrays(weight: np.ndarray, block_size: int, quant_type: int) -> tuple[np.ndarray, ...]:
-    """Packed values and absmax: ``MatMulBnb4Quantizer.bnb4_block_quant``."""
-    transposed = weight.transpose().copy()
-    rows, cols = weight.shape
-    numel = rows * cols
-    packed = np.zeros((numel + 1) // 2, dtype=np.uint8)
-    absmax = np.zeros((numel + block_size - 1) // block_size, dtype=weight.dtype)
-    _kernels().quantize_matmul_bnb4(packed, transposed, absmax, block_size, quant_type, cols, rows)
-    return packed, absmax
-
-
-def _q8_arrays(
-    weight: np.ndarray, qtype: int, per_channel: bool, reduce_range: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantized values, scale and zero point as ``ONNXQuantizer.quantize_initializer`` (per
-    tensor) or ``quantize_weight_per_channel`` (axis -1) compute them for a MatMul weight."""
-    from onnxruntime.quantization.quant_utils import quantize_data
-
-    symmetric = qtype == TensorProto.INT8  # BaseQuantizer.is_weight_symmetric
-    dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
-    if not per_channel:
-        zero_point, scale, values = quantize_data(weight.flatten(), qtype, symmetric, reduce_range)
-        return (
-            np.asarray(values, dtype=dtype).reshape(weight.shape),
-            np.asarray(scale, dtype=weight.dtype).reshape(()),
-            np.asarray(zero_point, dtype=dtype).reshape(()),
-        )
-    columns = [
-        quantize_data(weight.take(i, -1).flatten(), qtype, symmetric, reduce_range)
-        for i in range(weight.shape[-1])
-    ]
-    values = np.concatenate([np.asarray(q).reshape(-1, 1) for _, _, q in columns], -1)
-    return (
-        np.asarray(values, dtype=dtype).reshape(weight.shape),
-        np.hstack([s for _, s, _ in columns]).astype(weight.dtype),
-        np.hstack([z for z, _, _ in columns]).astype(dtype),
-    )
-
-
-def _transposed(source: ir.TensorProtocol, name: str) -> ir.TensorProtocol:
-    rows, cols = source.shape.numpy()
-    return DerivedTensor(
-        source,
-        lambda array: np.ascontiguousarray(array.T),
-        shape=ir.Shape([cols, rows]),
-        name=name,
-    )
-
-
-def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
-    value = ir.Value(
-        name=tensor.name,
-        shape=typing.cast(ir.Shape, tensor.shape),
-        type=ir.TensorType(tensor.dtype),
-        const_value=tensor,
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _node(
@@ -390,7 +309,7 @@ class Quantize(ModelPass[QuantizeOptions]):
             return None
         name = b.name or f"{source.name}_transposed"
         if transpose is not None:
-            return _Weight(b, name, _transposed(tensor, name), transpose)
+            return _Weight(b, name, transposed(tensor, name), transpose)
         return _Weight(b, name, tensor, None)
 
     def _quantized_initializers(self, graph: ir.Graph, weight: _Weight) -> list[ir.Value]:
@@ -404,7 +323,7 @@ class Quantize(ModelPass[QuantizeOptions]):
         if options.mode in ("q4", "q4f16"):
             block, symmetric = options.block, options.symmetric
             k_blocks = -(-k // block)
-            fn = lambda array: _q4_arrays(array, block, symmetric)  # noqa: E731
+            fn = lambda array: q4_arrays(_kernels(), array, block, symmetric)  # noqa: E731
             specs = [
                 (f"{w}_Q4", ir.DataType.UINT8, [n, k_blocks, (block + 1) // 2]),
                 (f"{w}_scales", dtype, [n, k_blocks]),
@@ -413,7 +332,7 @@ class Quantize(ModelPass[QuantizeOptions]):
                 specs.append((f"{w}_zero_points", ir.DataType.UINT8, [n, (k_blocks + 1) // 2]))
         elif options.mode == "bnb4":
             block, kind = options.block, 1 if options.quant_type == "nf4" else 0
-            fn = lambda array: _bnb4_arrays(array, block, kind)  # noqa: E731
+            fn = lambda array: bnb4_arrays(_kernels(), array, block, kind)  # noqa: E731
             specs = [
                 (f"{w}_Bnb4", ir.DataType.UINT8, [(k * n + 1) // 2]),
                 (f"{w}_absmax", dtype, [-(-(k * n) // block)]),
@@ -421,7 +340,7 @@ class Quantize(ModelPass[QuantizeOptions]):
         else:
             qtype = self._q8_type(graph)
             per_channel, reduce_range = options.per_channel, options.reduce_range
-            fn = lambda array: _q8_arrays(array, qtype, per_channel, reduce_range)  # noqa: E731
+            fn = lambda array: q8_arrays(array, qtype, per_channel, reduce_range)  # noqa: E731
             itype = ir.DataType(qtype)
             params = [n] if per_channel else []
             specs = [
@@ -429,11 +348,7 @@ class Quantize(ModelPass[QuantizeOptions]):
                 (f"{w}_scale", dtype, params),
                 (f"{w}_zero_point", itype, params),
             ]
-        group = SharedComputation(weight.tensor, lambda array: fn(array)[: len(specs)])
-        return [
-            _initializer(graph, group.member(i, name=name, dtype=dtype_, shape=ir.Shape(shape)))
-            for i, (name, dtype_, shape) in enumerate(specs)
-        ]
+        return shared_initializers(graph, weight.tensor, fn, specs)
 
     def _q8_type(self, graph: ir.Graph) -> int:
         mode = self.options.mode
