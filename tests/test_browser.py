@@ -6,8 +6,9 @@
 library would otherwise fetch from a CDN). Chromium opens ``tests/js/browser.html``, which loads
 the model with the library's defaults (device ``wasm``, so dtype ``q8``: the ``_quantized``
 files), runs the prompt once (the logits at its last position) and generates greedily, and POSTs
-the results back; they must equal our ONNX Runtime driver's on the same files. Chromium resolves
-no host but 127.0.0.1, so nothing leaves the machine.
+the results back; they must equal our ONNX Runtime driver's on the same files. A second run asks
+for dtype ``q4f16`` (``MatMulNBits``, float16) on the same device. Chromium resolves no host but
+127.0.0.1, so nothing leaves the machine.
 Without Chromium (``scripts/test`` installs Debian's ``chromium``) the test is skipped with a
 warning, never passed.
 """
@@ -87,6 +88,17 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(scope="module")
+def folder(paligemma2_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``surgery apply paligemma2`` on the tiny PaliGemma 2, and an image at its processor's size
+    (Transformers.js resizes with its own bicubic: no resize keeps the pixels exact)."""
+    out = tmp_path_factory.mktemp("browser") / "out"
+    assert main(["apply", "paligemma2", str(paligemma2_onnx), "-o", str(out), "-q"]) == 0
+    size = json.loads((out / "preprocessor_config.json").read_text())["size"]["height"]
+    random_images(size, 1)[0].save(out / "image.png")
+    return out
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[_Server]:
     roots = {"/page/": REPO / "tests" / "js"}
@@ -116,14 +128,27 @@ def _require_chromium_and_transformersjs() -> None:
         pytest.skip(message)
 
 
-def test_transformersjs_in_chromium_generates_our_tokens_with_its_defaults(
-    paligemma2_onnx: Path, paligemma2_checkpoint: Path, server: _Server, tmp_path: Path
+@pytest.mark.parametrize(
+    ("dtype", "suffix", "tolerance"),
+    [
+        # The library's defaults: wasm, so q8. Browser and ONNX Runtime logits: 0.0 apart
+        # (ORT 1.32 vs onnxruntime-web 1.31), while q8 and fp32 are about 0.13 apart.
+        (None, "_quantized", 1e-4),
+        # MatMulNBits with float16 in the browser: 0.002 apart (fp16 rounding in other
+        # kernels), while q4f16 and fp32 are about 1.1 apart.
+        ("q4f16", "_q4f16", 1e-2),
+    ],
+)
+def test_transformersjs_in_chromium_generates_our_tokens(
+    folder: Path,
+    paligemma2_checkpoint: Path,
+    server: _Server,
+    tmp_path: Path,
+    dtype: str | None,
+    suffix: str,
+    tolerance: float,
 ) -> None:
     _require_chromium_and_transformersjs()
-    folder = tmp_path / "out"
-    assert main(["apply", "paligemma2", str(paligemma2_onnx), "-o", str(folder), "-q"]) == 0
-    size = json.loads((folder / "preprocessor_config.json").read_text())["size"]["height"]
-    random_images(size, 1)[0].save(folder / "image.png")  # at the processor's size: no resize
     server.roots.update(
         {
             "/transformers/": REPO / "node_modules" / "@huggingface" / "transformers" / "dist",
@@ -132,7 +157,8 @@ def test_transformersjs_in_chromium_generates_our_tokens_with_its_defaults(
         }
     )
     prompt, steps = "caption en", 10
-    query = urlencode({"image": "/models/paligemma2/image.png", "prompt": prompt, "steps": steps})
+    params = {"image": "/models/paligemma2/image.png", "prompt": prompt, "steps": steps}
+    query = urlencode(params if dtype is None else {**params, "dtype": dtype})
     browser = subprocess.Popen(
         [
             CHROMIUM,
@@ -152,10 +178,10 @@ def test_transformersjs_in_chromium_generates_our_tokens_with_its_defaults(
     assert finished, f"no result from the page in {TIMEOUT_S} s; chromium said:\n{stderr[-4000:]}"
     got = server.result
     assert got is not None and "error" not in got, got
-    # Its defaults picked q8: the _quantized files, and no other dtype's.
+    # The files of the dtype asked for (by default q8: _quantized), and no other dtype's.
     models = {p for p in server.requested if p.endswith(".onnx")}
     assert models == {
-        f"/models/paligemma2/onnx/{part}_quantized.onnx"
+        f"/models/paligemma2/onnx/{part}{suffix}.onnx"
         for part in ("vision_encoder", "embed_tokens", "decoder_model_merged")
     }
 
@@ -167,14 +193,13 @@ def test_transformersjs_in_chromium_generates_our_tokens_with_its_defaults(
 
     generation = GenerationConfig.from_pretrained(paligemma2_checkpoint)
     eos = generation.eos_token_id
-    ours = PartsRunner(folder, "_quantized").greedy(
+    ours = PartsRunner(folder, suffix).greedy(
         inputs, steps, set(eos if isinstance(eos, list) else [eos]), generation.pad_token_id or 0
     )
     new_tokens = np.asarray(got["sequences"])[:, inputs["input_ids"].shape[1] :]
     # Random weights give few distinct tokens (fp32 picks the same ones here); the logits are the
-    # sharp check: browser and ONNX Runtime agree to float rounding (0.0 measured on ORT 1.32 vs
-    # onnxruntime-web 1.31), while q8 and fp32 differ by about 0.1.
+    # sharp check: browser and ONNX Runtime agree far closer than the dtype and fp32 do.
     np.testing.assert_allclose(
-        np.asarray(got["logits"], np.float32)[None], ours.logits[0], rtol=0, atol=1e-4
+        np.asarray(got["logits"], np.float32)[None], ours.logits[0], rtol=0, atol=tolerance
     )
     np.testing.assert_array_equal(new_tokens, ours.tokens)
