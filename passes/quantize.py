@@ -5,7 +5,14 @@ Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.
 
 * ``q4`` (and ``q4f16``, which a later ``fp16`` step completes): ``com.microsoft.MatMulNBits``,
   4 bits, blocks of ``block_size`` along K, symmetric by default: ``MatMulNBitsQuantizer``
-  (``DefaultWeightOnlyQuantizer.qbits_block_quant``, QOperator format);
+  (``DefaultWeightOnlyQuantizer.qbits_block_quant``, QOperator format); with ``gather`` the
+  embedding tables of ``Gather`` too: ``com.microsoft.GatherBlockQuantized``, int4 blocks along
+  each row, as ``MatMulNBitsQuantizer`` with Gather in ``op_types_to_quantize`` writes them. Off by
+  default, because of what Transformers.js 4.3.1's runtimes run (``tests/test_gather_runtimes.py``
+  checks it): onnxruntime-node 1.30 and onnxruntime-web 1.31's plain wasm build run it, but the
+  build Transformers.js loads in browsers (``onnxruntime-web/webgpu``, the asyncify wasm, for
+  device wasm too) has no CPU kernel for it ("Could not find an implementation for
+  GatherBlockQuantized"); only its WebGPU execution provider has one;
 * ``bnb4``: ``com.microsoft.MatMulBnb4``, NF4 or FP4, blocks of 64: ``MatMulBnb4Quantizer``;
 * ``q8`` / ``int8`` / ``uint8``: dynamic 8-bit, ``DynamicQuantizeLinear`` on the activation,
   ``MatMulInteger``, ``Cast`` and ``Mul`` by the product of the scales: ``ONNXQuantizer`` in
@@ -14,12 +21,11 @@ Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.
   type as Transformers.js does: uint8 when the part has ``Conv``, ``GroupQueryAttention`` or
   ``MultiHeadAttention`` (onnxruntime-web has no int8 ``ConvInteger``), else int8.
 
-Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels
-(``quantize_matmul_4bits``, ``quantize_matmul_bnb4``) and, for 8 bits, from the quantizer's own
-``quant_utils.quantize_data`` (scale, zero point and values), called per weight exactly as the
-quantizers call them (same padding, transposes, shapes and dtypes), so every initializer is
-byte-identical to theirs; names follow theirs too (``<w>_Q4``, ``<w>_scales``, ``<w>_zero_points``,
-``<w>_Bnb4``, ``<w>_absmax``, ``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``).
+Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels and, for 8
+bits, from its quantizer's own ``quantize_data``, called per weight as its quantizers call them
+(:mod:`passes.quantize_kernels`), so every initializer is byte-identical to theirs; names follow
+theirs too (``<w>_Q4``, ``<w>_scales``, ``<w>_zero_points``, ``<w>_Bnb4``, ``<w>_absmax``,
+``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``). This module matches and rewrites the graph.
 
 Where this departs, and why:
 
@@ -53,7 +59,15 @@ import onnx_ir as ir
 import pydantic
 from onnx import TensorProto
 
-from surgery.lazy import DerivedTensor, SharedComputation
+from passes.quantize_kernels import (
+    bnb4_arrays,
+    gather_q4_arrays,
+    q4_arrays,
+    q8_arrays,
+    shared_initializers,
+    transposed,
+)
+from passes.quantize_kernels import ort_kernels as _kernels
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 
@@ -74,6 +88,7 @@ _APPLIES = {
     "block_size": ("q4", "q4f16", "bnb4"),
     "symmetric": ("q4", "q4f16"),
     "accuracy_level": ("q4", "q4f16"),
+    "gather": ("q4", "q4f16"),
     "quant_type": ("bnb4",),
     "per_channel": ("q8", "int8", "uint8"),
     "reduce_range": ("q8", "int8", "uint8"),
@@ -97,6 +112,12 @@ class QuantizeOptions(PassOptions):
     )
     accuracy_level: int | None = pydantic.Field(
         default=None, ge=0, le=4, description="q4: MatMulNBits accuracy_level (0-4; unset: omitted)"
+    )
+    gather: bool = pydantic.Field(
+        default=False,
+        description="q4: also embedding tables read by Gather (GatherBlockQuantized, int4 blocks "
+        "along each row); off by default: Transformers.js 4.3.1's browser build of "
+        "onnxruntime-web has no wasm kernel for it",
     )
     quant_type: Literal["nf4", "fp4"] = pydantic.Field(
         default="nf4", description="bnb4: the 4-bit data type"
@@ -149,93 +170,6 @@ class _Weight:
     transpose: ir.Node | None  # the Transpose between the initializer and the MatMuls
 
 
-def _kernels() -> typing.Any:
-    """ONNX Runtime's packing kernels (imported late: CLI start-up need not load ONNX Runtime)."""
-    from onnxruntime.capi import _pybind_state
-
-    return _pybind_state
-
-
-def _q4_arrays(
-    weight: np.ndarray, block_size: int, symmetric: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Packed values, scales and zero points: ``DefaultWeightOnlyQuantizer.qbits_block_quant``."""
-    rows, cols = weight.shape
-    k_blocks = (rows + block_size - 1) // block_size
-    blob_size = (block_size + 1) // 2
-    pad = k_blocks * block_size - rows
-    if pad:
-        weight = np.pad(weight, ((0, pad), (0, 0)), "constant")
-    weight = np.ascontiguousarray(weight)
-    packed = np.zeros((cols, k_blocks, blob_size), dtype=np.uint8)
-    zero_points = np.zeros((cols, (k_blocks + 1) // 2), dtype=np.uint8)
-    scales = np.zeros((cols, k_blocks), dtype=weight.dtype)
-    _kernels().quantize_matmul_4bits(
-        packed, weight, scales, zero_points, block_size, cols, rows, symmetric
-    )
-    return packed, scales, zero_points
-
-
-def _bnb4_arrays(weight: np.ndarray, block_size: int, quant_type: int) -> tuple[np.ndarray, ...]:
-    """Packed values and absmax: ``MatMulBnb4Quantizer.bnb4_block_quant``."""
-    transposed = weight.transpose().copy()
-    rows, cols = weight.shape
-    numel = rows * cols
-    packed = np.zeros((numel + 1) // 2, dtype=np.uint8)
-    absmax = np.zeros((numel + block_size - 1) // block_size, dtype=weight.dtype)
-    _kernels().quantize_matmul_bnb4(packed, transposed, absmax, block_size, quant_type, cols, rows)
-    return packed, absmax
-
-
-def _q8_arrays(
-    weight: np.ndarray, qtype: int, per_channel: bool, reduce_range: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantized values, scale and zero point as ``ONNXQuantizer.quantize_initializer`` (per
-    tensor) or ``quantize_weight_per_channel`` (axis -1) compute them for a MatMul weight."""
-    from onnxruntime.quantization.quant_utils import quantize_data
-
-    symmetric = qtype == TensorProto.INT8  # BaseQuantizer.is_weight_symmetric
-    dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
-    if not per_channel:
-        zero_point, scale, values = quantize_data(weight.flatten(), qtype, symmetric, reduce_range)
-        return (
-            np.asarray(values, dtype=dtype).reshape(weight.shape),
-            np.asarray(scale, dtype=weight.dtype).reshape(()),
-            np.asarray(zero_point, dtype=dtype).reshape(()),
-        )
-    columns = [
-        quantize_data(weight.take(i, -1).flatten(), qtype, symmetric, reduce_range)
-        for i in range(weight.shape[-1])
-    ]
-    values = np.concatenate([np.asarray(q).reshape(-1, 1) for _, _, q in columns], -1)
-    return (
-        np.asarray(values, dtype=dtype).reshape(weight.shape),
-        np.hstack([s for _, s, _ in columns]).astype(weight.dtype),
-        np.hstack([z for z, _, _ in columns]).astype(dtype),
-    )
-
-
-def _transposed(source: ir.TensorProtocol, name: str) -> ir.TensorProtocol:
-    rows, cols = source.shape.numpy()
-    return DerivedTensor(
-        source,
-        lambda array: np.ascontiguousarray(array.T),
-        shape=ir.Shape([cols, rows]),
-        name=name,
-    )
-
-
-def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
-    value = ir.Value(
-        name=tensor.name,
-        shape=typing.cast(ir.Shape, tensor.shape),
-        type=ir.TensorType(tensor.dtype),
-        const_value=tensor,
-    )
-    graph.register_initializer(value)
-    return value
-
-
 def _node(
     graph: ir.Graph,
     anchor: ir.Node,
@@ -271,6 +205,14 @@ def _replace(graph: ir.Graph, node: ir.Node, result: ir.Value) -> None:
     result.name = name
 
 
+def _require_int4(model: ir.Model) -> None:
+    """Opset 21 and IR version 10 at least: the first with int4 tensors."""
+    for imports in (model.opset_imports, model.graph.opset_imports):
+        if imports.get("", 21) < 21:
+            imports[""] = 21
+    model.ir_version = max(model.ir_version, 10)
+
+
 def _matches(name: str | None, patterns: list[str]) -> bool:
     return bool(name) and any(fnmatch.fnmatchcase(name or "", p) for p in patterns)
 
@@ -285,7 +227,9 @@ class Quantize(ModelPass[QuantizeOptions]):
     MatMulInteger, per tensor or per_channel, reduce_range; q8 stores uint8 weights when the
     part has Conv / GroupQueryAttention / MultiHeadAttention, else int8 (Transformers.js's rule).
     Only MatMuls whose B is a constant 2-D float weight, directly or through a Transpose (the tied
-    lm_head), are rewritten. Weights are quantized with ONNX Runtime's kernels when written, each
+    lm_head), are rewritten; with q4's gather option (off by default: Transformers.js's browser
+    wasm has no kernel for it), Gathers of a constant 2-D float table become
+    GatherBlockQuantized. Weights are quantized with ONNX Runtime's kernels when written, each
     once; a part with nothing to quantize is reported with counts.
     """
 
@@ -317,6 +261,8 @@ class Quantize(ModelPass[QuantizeOptions]):
         graph = model.graph
         counts = {"matmul": 0, "quantized": 0, "computed_b": 0, "blocked": 0, "small": 0}
         weights: dict[ir.Value, list[ir.Value]] = {}
+        tables = self._quantize_gathers(graph) if self._gathers_too() else {}
+        counts["gather"] = sum(len(readers) for readers in tables.values())
         rewrite = self._rewriter(graph)
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain != "":
@@ -336,10 +282,12 @@ class Quantize(ModelPass[QuantizeOptions]):
                     weights[weight.key] = self._quantized_initializers(graph, weight)
                 rewrite(node, weight, weights[weight.key])
                 counts["quantized"] += 1
-        for key in weights:
+        for key in [*weights, *tables]:
             self._drop_float(graph, key)
         self.statistics = counts
-        if not weights:
+        if tables:  # int4 initializers: ONNX Runtime's quantizer raises the opset and IR as well
+            _require_int4(model)
+        if not weights and not tables:
             logger.warning(
                 "quantize: no eligible MatMul in part '%s' (%d MatMul: %d with a computed B, "
                 "%d blocked, %d under min_elements); it stays float",
@@ -354,13 +302,77 @@ class Quantize(ModelPass[QuantizeOptions]):
             model.opset_imports.setdefault(_MS_DOMAIN, 1)
             graph.opset_imports.setdefault(_MS_DOMAIN, 1)
         logger.info(
-            "quantize (%s): %d MatMul rewritten, %d weights in part '%s'",
+            "quantize (%s): %d MatMul rewritten, %d weights, %d Gather tables in part '%s'",
             self.options.mode,
             counts["quantized"],
             len(weights),
+            len(tables),
             graph.name or "model",
         )
         return ir.passes.PassResult(model, modified=True)
+
+    def _gathers_too(self) -> bool:
+        options = self.options
+        return (
+            options.mode in ("q4", "q4f16")
+            and options.gather
+            and "Gather" not in options.op_block_list
+        )
+
+    def _quantize_gathers(self, graph: ir.Graph) -> dict[ir.Value, list[ir.Node]]:
+        """Rewrite each ``Gather`` of a constant 2-D float table as ``GatherBlockQuantized``, as
+        ``MatMulNBitsQuantizer`` does with ``op_types_to_quantize`` including Gather (quantize
+        axis 1: blocks along each row; the Gather's axis kept). A table read by several Gathers
+        is quantized once. Returns table → the new nodes reading its quantized form."""
+        options = self.options
+        block, symmetric = options.block, options.symmetric
+        tables: dict[ir.Value, list[ir.Node]] = {}
+        quantized: dict[ir.Value, list[ir.Value]] = {}
+        for node in list(graph):
+            if node.op_type != "Gather" or node.domain != "" or len(node.inputs) != 2:
+                continue
+            table, ids = node.inputs
+            tensor = table.const_value if table is not None else None
+            if (
+                table is None
+                or ids is None
+                or tensor is None
+                or not table.is_initializer()
+                or table.is_graph_input()
+                or tensor.dtype not in _FLOATS
+                or len(tensor.shape) != 2
+                or _matches(node.name, options.node_block_list)
+                or tensor.size < options.min_elements
+            ):
+                continue
+            if table not in quantized:
+                rows, cols = (int(d) for d in tensor.shape.numpy())
+                k_blocks = -(-cols // block)
+                itype = ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+                specs = [
+                    (f"{table.name}_Q4", itype, [rows, cols]),
+                    (f"{table.name}_scales", tensor.dtype, [rows, k_blocks]),
+                ]
+                if not symmetric:
+                    specs.append((f"{table.name}_zero_points", itype, [rows, k_blocks]))
+                fn = lambda array: gather_q4_arrays(array, block, symmetric)  # noqa: E731
+                quantized[table] = shared_initializers(graph, tensor, fn, specs)
+            data, scales, *zero_points = quantized[table]
+            (result,) = _node(
+                graph,
+                node,
+                "GatherBlockQuantized",
+                [data, ids, scales, *zero_points],
+                f"{node.name}_Q4" if node.name else "",
+                [f"{node.outputs[0].name}_Q4"],
+                _MS_DOMAIN,
+                gather_axis=node.attributes.get_int("axis", 0),
+                quantize_axis=1,
+                block_size=block,
+            )
+            _replace(graph, node, result)
+            tables.setdefault(table, []).append(typing.cast(ir.Node, result.producer()))
+        return tables
 
     def _weight(self, node: ir.Node) -> _Weight | None:
         """The MatMul's B as a constant ``[K, N]`` float weight, or None if it is not one."""
@@ -390,7 +402,7 @@ class Quantize(ModelPass[QuantizeOptions]):
             return None
         name = b.name or f"{source.name}_transposed"
         if transpose is not None:
-            return _Weight(b, name, _transposed(tensor, name), transpose)
+            return _Weight(b, name, transposed(tensor, name), transpose)
         return _Weight(b, name, tensor, None)
 
     def _quantized_initializers(self, graph: ir.Graph, weight: _Weight) -> list[ir.Value]:
@@ -404,7 +416,7 @@ class Quantize(ModelPass[QuantizeOptions]):
         if options.mode in ("q4", "q4f16"):
             block, symmetric = options.block, options.symmetric
             k_blocks = -(-k // block)
-            fn = lambda array: _q4_arrays(array, block, symmetric)  # noqa: E731
+            fn = lambda array: q4_arrays(_kernels(), array, block, symmetric)  # noqa: E731
             specs = [
                 (f"{w}_Q4", ir.DataType.UINT8, [n, k_blocks, (block + 1) // 2]),
                 (f"{w}_scales", dtype, [n, k_blocks]),
@@ -413,7 +425,7 @@ class Quantize(ModelPass[QuantizeOptions]):
                 specs.append((f"{w}_zero_points", ir.DataType.UINT8, [n, (k_blocks + 1) // 2]))
         elif options.mode == "bnb4":
             block, kind = options.block, 1 if options.quant_type == "nf4" else 0
-            fn = lambda array: _bnb4_arrays(array, block, kind)  # noqa: E731
+            fn = lambda array: bnb4_arrays(_kernels(), array, block, kind)  # noqa: E731
             specs = [
                 (f"{w}_Bnb4", ir.DataType.UINT8, [(k * n + 1) // 2]),
                 (f"{w}_absmax", dtype, [-(-(k * n) // block)]),
@@ -421,7 +433,7 @@ class Quantize(ModelPass[QuantizeOptions]):
         else:
             qtype = self._q8_type(graph)
             per_channel, reduce_range = options.per_channel, options.reduce_range
-            fn = lambda array: _q8_arrays(array, qtype, per_channel, reduce_range)  # noqa: E731
+            fn = lambda array: q8_arrays(array, qtype, per_channel, reduce_range)  # noqa: E731
             itype = ir.DataType(qtype)
             params = [n] if per_channel else []
             specs = [
@@ -429,11 +441,7 @@ class Quantize(ModelPass[QuantizeOptions]):
                 (f"{w}_scale", dtype, params),
                 (f"{w}_zero_point", itype, params),
             ]
-        group = SharedComputation(weight.tensor, lambda array: fn(array)[: len(specs)])
-        return [
-            _initializer(graph, group.member(i, name=name, dtype=dtype_, shape=ir.Shape(shape)))
-            for i, (name, dtype_, shape) in enumerate(specs)
-        ]
+        return shared_initializers(graph, weight.tensor, fn, specs)
 
     def _q8_type(self, graph: ir.Graph) -> int:
         mode = self.options.mode

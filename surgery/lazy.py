@@ -135,6 +135,8 @@ class SharedTensor(ir.LazyTensor):
 
     def _compute(self) -> ir.TensorProtocol:
         array = self.group.take(self.index)
+        if self.dtype.bitwidth < 8:  # sub-byte types (int4): the array holds the packed bytes
+            return ir.PackedTensor(array, self.dtype, shape=self.shape, name=self.name)
         return ir.Tensor(array.reshape(self.shape.numpy()), dtype=self.dtype, name=self.name)
 
 

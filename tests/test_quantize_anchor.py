@@ -32,9 +32,15 @@ PARTS = ["vision_encoder", "decoder_model_merged"]  # embed_tokens has no MatMul
 ALL_PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
 #: suffix -> (quantize options, anchor settings)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "_q4": {"mode": "q4"},
-    "_q4b16": {"mode": "q4", "block_size": 16, "symmetric": False, "accuracy_level": 4},
-    "_q4f16": {"mode": "q4f16"},
+    "_q4": {"mode": "q4", "gather": True},  # as _q4f16: the same parts quantized
+    "_q4b16": {
+        "mode": "q4",
+        "block_size": 16,
+        "symmetric": False,
+        "accuracy_level": 4,
+        "gather": True,  # embed_tokens too: GatherBlockQuantized
+    },
+    "_q4f16": {"mode": "q4f16", "gather": True},
     "_bnb4": {"mode": "bnb4"},
     "_fp4": {"mode": "bnb4", "quant_type": "fp4"},
     "_quantized": {"mode": "q8"},
@@ -57,7 +63,8 @@ def folder(paligemma2_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     extra: list[Any] = []
     for suffix, options in VARIANTS.items():
         extra.append({"pass": "copy-parts", "parts": ALL_PARTS, "options": {"suffix": suffix}})
-        extra.append({"pass": "quantize", "parts": [p + suffix for p in PARTS], "options": options})
+        parts = ALL_PARTS if options.get("gather") else PARTS
+        extra.append({"pass": "quantize", "parts": [p + suffix for p in parts], "options": options})
         if options["mode"] == "q4f16":
             extra.append({"pass": "fp16", "parts": [p + suffix for p in ALL_PARTS]})
     recipe["passes"] = passes[:fold] + extra + passes[fold:]
@@ -90,6 +97,7 @@ def _anchor(fp32: Path, options: dict[str, Any]) -> onnx.ModelProto:
             block_size=options.get("block_size", 32),
             is_symmetric=options.get("symmetric", True),
             accuracy_level=options.get("accuracy_level"),
+            op_types_to_quantize=("MatMul", "Gather") if options.get("gather") else None,
         )
         q4.process()
         return q4.model.model
@@ -140,13 +148,22 @@ def _feed(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]
             feed[meta.name] = np.arange(3, 6, dtype=np.int64).reshape(shape)
         elif meta.name == "num_logits_to_keep":
             feed[meta.name] = np.array(0, np.int64)  # every position's logits
+        elif meta.name == "input_ids":
+            feed[meta.name] = rng.integers(0, 1000, shape, dtype=np.int64)
         else:
             feed[meta.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
 
 
-@pytest.mark.parametrize("suffix", list(VARIANTS))
-@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize(
+    ("part", "suffix"),
+    [
+        (part, suffix)
+        for part in ALL_PARTS
+        for suffix, options in VARIANTS.items()
+        if part in PARTS or options.get("gather")
+    ],
+)
 def test_quantized_initializers_and_outputs_equal_the_anchors(
     folder: Path, tmp_path: Path, part: str, suffix: str
 ) -> None:
@@ -159,7 +176,7 @@ def test_quantized_initializers_and_outputs_equal_the_anchors(
     quantized = [t for t in anchor.graph.initializer if t.name not in original]
     if suffix == "_q4f16":  # fp16's graph is not onnxconverter-common's: compare the weights
         quantized = [t for t in quantized if t.name.endswith(("_Q4", "_scales"))]
-    assert len(quantized) >= 20, "the anchor quantized the part's MatMuls"
+    assert len(quantized) >= (2 if part == "embed_tokens" else 20), "the anchor quantized it"
     for expected in quantized:
         assert expected.name in ours_by_name, expected.name
         got = ours_by_name[expected.name]

@@ -174,6 +174,7 @@ def test_transposed_tied_and_shared_weights(tmp_path: Path, mode: str) -> None:
         "computed_b": 1,
         "blocked": 0,
         "small": 0,
+        "gather": 0,
     }
     assert len(_groups(model)) == 3, "the shared weight is quantized once for both readers"
     assert "tied" in graph.initializers, "the Gather keeps the float embedding"
@@ -199,6 +200,7 @@ def test_block_lists_and_min_elements_leave_matmuls_float(tmp_path: Path) -> Non
         "computed_b": 1,
         "blocked": 2,
         "small": 1,
+        "gather": 0,
     }
     assert [n.name for n in model.graph if n.op_type == "MatMulNBits"] == ["linear_Q4"]
 
@@ -213,6 +215,83 @@ def test_a_part_without_eligible_matmul_warns_with_counts(
         "quantize: no eligible MatMul in part 'tied' (5 MatMul: 1 with a computed B, "
         "4 blocked, 0 under min_elements); it stays float"
     ]
+
+
+def _embedding(tmp_path: Path, rows: int, cols: int) -> Path:
+    """One Gather of a [rows, cols] table, in an opset-20 / IR 9 model (no int4 there yet)."""
+    table = np.random.default_rng(3).standard_normal((rows, cols), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embedded"], axis=0, name="embed")],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [2, 3, cols])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    return _save(model, tmp_path / "embedding.onnx")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gather_tables_equal_onnx_runtime_quantizer_in_row_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, symmetric: bool
+) -> None:
+    """Chunks of 4 rows of 45 columns (odd: nibble pairs span rows) give the bytes
+    ``MatMulNBitsQuantizer`` gives for the whole table, and the same outputs."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    monkeypatch.setattr("passes.quantize_kernels.GATHER_ROWS", 4)
+    source = _embedding(tmp_path, 37, 45)
+    model = load_model(source)
+    pass_ = Quantize(mode="q4", block_size=16, symmetric=symmetric, gather=True)
+    assert pass_(model).modified
+    assert pass_.statistics["gather"] == 1
+    out = tmp_path / "out" / "q.onnx"
+    writer.save_model(model, out)
+    onnx.checker.check_model(str(out), full_check=True)
+
+    anchor = MatMulNBitsQuantizer(
+        onnx.load(source),
+        bits=4,
+        block_size=16,
+        is_symmetric=symmetric,
+        op_types_to_quantize=("Gather",),
+    )
+    anchor.process()
+    expected = anchor.model.model
+    ours = onnx.load(out)
+    names = ["table_Q4", "table_scales"] + ([] if symmetric else ["table_zero_points"])
+    for want, got in zip(
+        sorted(expected.graph.initializer, key=lambda t: t.name),
+        sorted(ours.graph.initializer, key=lambda t: t.name),
+        strict=True,
+    ):
+        assert got.name == want.name and got.name in names
+        assert (got.data_type, list(got.dims)) == (want.data_type, list(want.dims))
+        assert numpy_helper.to_array(got).tobytes() == numpy_helper.to_array(want).tobytes()
+    assert [(n.op_type, n.domain) for n in ours.graph.node] == [
+        ("GatherBlockQuantized", "com.microsoft")
+    ]
+    assert {(o.domain, o.version) for o in ours.opset_import} >= {("", 21)}
+    assert ours.ir_version >= 10
+    anchor_path = tmp_path / "anchor.onnx"
+    onnx.save(expected, anchor_path)
+    ids = {"ids": np.array([[0, 5, 36], [-1, 17, 4]], np.int64)}
+    got_out, want_out = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+        for p in (out, anchor_path)
+    )
+    np.testing.assert_array_equal(got_out, want_out)
+
+
+def test_gather_option_off_or_blocked_leaves_the_table_float(tmp_path: Path) -> None:
+    for options in (
+        {},  # off by default
+        {"gather": True, "op_block_list": ["Gather"]},
+        {"gather": True, "node_block_list": ["emb*"]},
+    ):
+        model = load_model(_embedding(tmp_path, 8, 32))
+        assert not Quantize(mode="q4", **options)(model).modified, options
+        assert [n.op_type for n in model.graph] == ["Gather"]
 
 
 def _recipe(*entries: str) -> str:
@@ -239,6 +318,11 @@ def _recipe(*entries: str) -> str:
             "{pass: quantize, options: {mode: q8, block_size: 32}}",
             "<recipe>:2: passes[0] (quantize): block_size: does not apply to mode q8 "
             "(only to q4, q4f16, bnb4)",
+        ),
+        (
+            "{pass: quantize, options: {mode: bnb4, gather: true}}",
+            "<recipe>:2: passes[0] (quantize): gather: does not apply to mode bnb4 "
+            "(only to q4, q4f16)",
         ),
         (
             "{pass: quantize, options: {mode: q4f16}}",
