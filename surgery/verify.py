@@ -141,8 +141,11 @@ class _Runner:
         past = next(i for i in decoder.get_inputs() if i.name == first_past)
         self.past_dtype = _ORT_TYPES[past.type]
         self.decoder = decoder
-        # Transformers.js feeds 1 during generate when the decoder declares it (logits-to-keep).
+        # Transformers.js feeds 1 during generate when the decoder declares it (logits-to-keep),
+        # 0 in a plain forward; with q8 files the two differ slightly (the lm_head's activations
+        # are quantized over the kept positions).
         self.keep_logits = any(i.name == "num_logits_to_keep" for i in decoder.get_inputs())
+        self.logits_kept = 1
         self.present_names = [
             PRESENT_NAME.format(layer=i, kind=k) for i in range(self.layers) for k in KV_KINDS
         ]
@@ -168,7 +171,7 @@ class _Runner:
             **dict(zip(names, past, strict=True)),
         }
         if self.keep_logits:
-            feeds["num_logits_to_keep"] = np.array(1, np.int64)
+            feeds["num_logits_to_keep"] = np.array(self.logits_kept, np.int64)
         outputs = self.decoder.run(["logits", *self.present_names], feeds)
         return outputs[0], outputs[1:]
 

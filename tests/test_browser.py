@@ -193,13 +193,17 @@ def test_transformersjs_in_chromium_generates_our_tokens(
 
     generation = GenerationConfig.from_pretrained(paligemma2_checkpoint)
     eos = generation.eos_token_id
-    ours = PartsRunner(folder, suffix).greedy(
-        inputs, steps, set(eos if isinstance(eos, list) else [eos]), generation.pad_token_id or 0
-    )
+    eos_ids, pad = set(eos if isinstance(eos, list) else [eos]), generation.pad_token_id or 0
+    ours = PartsRunner(folder, suffix).greedy(inputs, steps, eos_ids, pad)
+    # The page's logits come from a plain forward, where Transformers.js feeds
+    # num_logits_to_keep 0 (every position): compute ours the same way.
+    forward = PartsRunner(folder, suffix)
+    forward.logits_kept = 0
+    prefill = forward.greedy(inputs, 1, eos_ids, pad)
     new_tokens = np.asarray(got["sequences"])[:, inputs["input_ids"].shape[1] :]
     # Random weights give few distinct tokens (fp32 picks the same ones here); the logits are the
     # sharp check: browser and ONNX Runtime agree far closer than the dtype and fp32 do.
     np.testing.assert_allclose(
-        np.asarray(got["logits"], np.float32)[None], ours.logits[0], rtol=0, atol=tolerance
+        np.asarray(got["logits"], np.float32)[None], prefill.logits[0], rtol=0, atol=tolerance
     )
     np.testing.assert_array_equal(new_tokens, ours.tokens)
