@@ -166,24 +166,27 @@ def _model(folder: Path, scale: str) -> tuple[Path, list[tuple[str, float, int, 
         [sys.executable, "-c", _MAKE_RANDOM, preset, str(checkpoint)]
     )
     size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
-    rows.append(("make-random (setup)", wall, peak_rss, peak_anon, size))
+    _row(rows, scale, "make-random (setup)", wall, peak_rss, peak_anon, size)
     cli = [sys.executable, "-m", "surgery.cli"]
     wall, peak_rss, peak_anon = timed_peaks(
         [*cli, "export", str(checkpoint), "-o", str(model), "-q"]
     )
     size = model.with_name("model.onnx.data").stat().st_size
-    rows.append(("export (setup)", wall, peak_rss, peak_anon, size))
+    _row(rows, scale, "export (setup)", wall, peak_rss, peak_anon, size)
     return model, rows
 
 
-def _recipe(path: Path) -> Path:
-    """The shipped recipe's fp32 steps plus a copy-parts + quantize pair per dtype of (a)."""
+def _recipe(path: Path, shape_inference: bool) -> Path:
+    """The shipped recipe's fp32 steps plus a copy-parts + quantize pair per dtype of (a)
+    (and ``shape-inference`` after ``split-large-tensors`` if asked)."""
     recipe = yaml.safe_load(find_recipe("paligemma2").read_text())
     passes = [
         p
         for p in recipe["passes"]
         if not (isinstance(p, dict) and p.get("pass") in ("copy-parts", "fp16", "quantize"))
     ]
+    if shape_inference:
+        passes.insert(passes.index("split-large-tensors") + 1, "shape-inference")
     fold = passes.index("fold-transposes")
     extra: list[Any] = []
     for suffix, options in VARIANTS.items():
@@ -208,7 +211,15 @@ def _largest_tensor(model: Path) -> int:
     )
 
 
-def _measure(work: Path, scale: str, anchor: bool) -> tuple[list[Any], dict[str, Any]]:
+def _row(rows: list[Any], scale: str, *row: Any) -> None:
+    """Keep a row and print it now (a long run's rows are not lost if a later step fails)."""
+    rows.append(row)
+    print(f"ROW {scale}: {row}", flush=True)
+
+
+def _measure(
+    work: Path, scale: str, anchor: bool, shape_inference: bool
+) -> tuple[list[Any], dict[str, Any]]:
     """Rows ``(step, wall s, peak RSS, peak anon, bytes written)`` and the targets of one scale."""
     folder = work / scale
     model, rows = _model(folder, scale)
@@ -217,23 +228,27 @@ def _measure(work: Path, scale: str, anchor: bool) -> tuple[list[Any], dict[str,
 
     copy = folder / "copy.data"
     wall, peak_rss, peak_anon = timed_peaks(["cp", str(data), str(copy)])
-    rows.append(("(c) cp fp32 data", wall, peak_rss, peak_anon, copy.stat().st_size))
+    _row(rows, scale, "(c) cp fp32 data", wall, peak_rss, peak_anon, copy.stat().st_size)
     summary["cp"] = (wall, copy.stat().st_size)
     copy.unlink()
 
     out = folder / "out"
     shutil.rmtree(out, ignore_errors=True)
-    recipe = _recipe(folder / "quantize.yaml")
+    recipe = _recipe(folder / "quantize.yaml", shape_inference)
     cli = [sys.executable, "-m", "surgery.cli"]
-    wall, peak_rss, peak_anon = timed_peaks(
-        [*cli, "apply", str(recipe), str(model), "-o", str(out), "-q"]
-    )
+    step = "(a) surgery apply: fp32 + q8 + q4 + q4f16 + bnb4"
+    try:
+        wall, peak_rss, peak_anon = timed_peaks(
+            [*cli, "apply", str(recipe), str(model), "-o", str(out), "-q"]
+        )
+    except SystemExit as failure:  # the anchor reads (a)'s fp32 files: nothing more to run
+        _row(rows, scale, f"{step}: FAILED ({failure})", math.nan, 0, 0, 0)
+        return rows, summary
     dtypes = bytes_by_dtype(out / "onnx")
     written = sum(dtypes.values())
-    rows.append(
-        ("(a) surgery apply: fp32 + q8 + q4 + q4f16 + bnb4", wall, peak_rss, peak_anon, written)
-    )
-    rows += [(f"    of which {d}", math.nan, 0, 0, n) for d, n in sorted(dtypes.items())]
+    _row(rows, scale, step, wall, peak_rss, peak_anon, written)
+    for dtype, size in sorted(dtypes.items()):
+        _row(rows, scale, f"    of which {dtype}", math.nan, 0, 0, size)
     summary["a"] = (wall, peak_anon, written)
     for path in (out / "onnx").iterdir():  # keep the fp32 parts: the anchor's input
         if any(path.name.split(".onnx")[0].endswith(s) for s in VARIANTS):
@@ -245,24 +260,17 @@ def _measure(work: Path, scale: str, anchor: bool) -> tuple[list[Any], dict[str,
             mode = options["mode"]
             dst = folder / f"anchor-{mode}"
             shutil.rmtree(dst, ignore_errors=True)
+            step = f"(b) anchor {mode}: onnx.load + ORT + onnx.save"
             try:
                 wall, peak_rss, peak_anon = timed_peaks(
                     [sys.executable, "-c", _ANCHOR, mode, str(out / "onnx"), str(dst)]
                 )
             except SystemExit as failure:  # e.g. killed for memory: a finding, not a crash
-                rows.append((f"(b) anchor {mode}: FAILED ({failure})", math.nan, 0, 0, 0))
+                _row(rows, scale, f"{step}: FAILED ({failure})", math.nan, 0, 0, 0)
                 total = math.nan
                 continue
             written = sum(p.stat().st_size for p in dst.iterdir())
-            rows.append(
-                (
-                    f"(b) anchor {mode}: onnx.load + ORT + onnx.save",
-                    wall,
-                    peak_rss,
-                    peak_anon,
-                    written,
-                )
-            )
+            _row(rows, scale, step, wall, peak_rss, peak_anon, written)
             total += wall
             shutil.rmtree(dst)
         summary["b"] = total
@@ -278,12 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scales", nargs="+", choices=list(SCALES), default=["half", "full"])
     parser.add_argument("--no-anchor", action="store_true", help="skip the anchor rows (b)")
+    parser.add_argument(
+        "--shape-inference",
+        action="store_true",
+        help="insert shape-inference after split-large-tensors in (a)'s recipe (works around "
+        "q4f16 failing on the untyped row-block values of a split lm_head; see README)",
+    )
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="quantize-bench-"))
     results = []
     try:
         for scale in args.scales:
-            results.append((scale, *_measure(work, scale, not args.no_anchor)))
+            results.append(
+                (scale, *_measure(work, scale, not args.no_anchor, args.shape_inference))
+            )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -300,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
     print()
     for scale, _, s in results:
+        if "a" not in s:
+            print(f"{scale}: (a) failed; no targets")
+            continue
         a_wall, a_anon, a_written = s["a"]
         cp_wall, cp_bytes = s["cp"]
         bound = 512 * MIB + s["largest"]
