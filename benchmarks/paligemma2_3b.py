@@ -114,6 +114,9 @@ def main() -> None:
         )
         recipe = _recipe(work / "recipe.yaml") if args.shape_inference else "paligemma2"
         wall, rss, anon = timed_peaks([*cli, "apply", recipe, str(model), "-o", str(out), "-q"])
+        if not args.keep:  # the export is read no more: free its 12 GB before the ORT runs
+            for path in work.glob("model.onnx*"):
+                path.unlink()
         onnx_dir = out / "onnx"
         chunks = sorted(onnx_dir.glob("*.onnx_data*"), key=lambda p: p.stat().st_size)
         largest = chunks[-1].stat().st_size
