@@ -57,7 +57,8 @@ def timed_peaks(command: list[str]) -> tuple[float, int, int]:
     os.sync()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])} failed with exit code {proc.returncode}")
+        shown = " ".join(arg.strip().split("\n")[0][:40] for arg in command[:4])
+        raise SystemExit(f"{shown} ... failed with exit code {proc.returncode}")
     return wall, usage.ru_maxrss * 1024, sampler.peak_bytes
 
 
