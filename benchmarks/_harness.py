@@ -3,7 +3,8 @@
 Each run starts with dirty pages flushed and, where permitted (root on Linux), the page cache
 dropped, and ends with ``sync``, so it measures the disk rather than RAM. The child's peak
 anonymous memory (``RssAnon``: memory-mapped weight pages are the page cache's, not counted) is
-sampled from ``/proc/<pid>/status``.
+sampled from ``/proc/<pid>/status``; its peak RSS (mapped pages included) is the kernel's
+high-water mark, from ``wait4``'s ``ru_maxrss``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,19 @@ from pathlib import Path
 from surgery.memory import PeakAnonSampler
 from surgery.synthetic import write_synthetic_model
 
-__all__ = ["cold_cache", "synthetic_model", "timed"]
+__all__ = ["TJS_SUFFIXES", "bytes_by_dtype", "cold_cache", "synthetic_model", "timed", "timed_peaks"]
 
 GIB = 2**30
+#: File-name suffix of each Transformers.js dtype (no suffix: fp32).
+TJS_SUFFIXES = {
+    "_fp16": "fp16",
+    "_quantized": "q8",
+    "_int8": "int8",
+    "_uint8": "uint8",
+    "_q4f16": "q4f16",
+    "_q4": "q4",
+    "_bnb4": "bnb4",
+}
 
 
 def cold_cache() -> None:
@@ -31,16 +42,34 @@ def cold_cache() -> None:
 
 def timed(command: list[str]) -> tuple[float, int]:
     """Run ``command`` from a cold cache until its data is on disk; return wall s, peak anon bytes."""
+    wall, _, anon = timed_peaks(command)
+    return wall, anon
+
+
+def timed_peaks(command: list[str]) -> tuple[float, int, int]:
+    """Like :func:`timed`; return wall s, peak RSS bytes and peak anon bytes of the child."""
     cold_cache()
     start = time.perf_counter()
     proc = subprocess.Popen(command)
     with PeakAnonSampler(interval_s=0.01, status=Path(f"/proc/{proc.pid}/status")) as sampler:
-        code = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     os.sync()
     wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{' '.join(command[:4])} failed with exit code {code}")
-    return wall, sampler.peak_bytes
+    if proc.returncode != 0:
+        shown = " ".join(arg.strip().split("\n")[0][:40] for arg in command[:4])
+        raise SystemExit(f"{shown} ... failed with exit code {proc.returncode}")
+    return wall, usage.ru_maxrss * 1024, sampler.peak_bytes
+
+
+def bytes_by_dtype(folder: Path) -> dict[str, int]:
+    """Bytes of a Transformers.js ``onnx/`` folder's files (graphs and data chunks) per dtype."""
+    totals: dict[str, int] = {}
+    for path in folder.iterdir():
+        stem = path.name.split(".onnx")[0]
+        dtype = next((d for s, d in TJS_SUFFIXES.items() if stem.endswith(s)), "fp32")
+        totals[dtype] = totals.get(dtype, 0) + path.stat().st_size
+    return totals
 
 
 def synthetic_model(workdir: Path, size_gib: float) -> tuple[Path, Path]:

@@ -1,27 +1,38 @@
 """The whole path at the real PaliGemma 2 3B-pt-224 shapes, with random weights.
 
 make-random (bf16, ~5.9 GB) → ``surgery export`` (one fp32 graph, ~12 GB of weights, the tied
-embedding 2.37 GB) → ``surgery apply paligemma2`` (the Transformers.js folder, fp32 and fp16, the
-embedding split into row blocks, chunks under 2 GB) → every part loaded in ONNX Runtime and run once
-on a small input (random weights: the outputs are only checked to be finite).
+embedding 2.37 GB) → ``surgery apply paligemma2`` (the Transformers.js folder: fp32, fp16, q8
+``_quantized`` and q4f16, the embedding split into row blocks, chunks under 2 GB) → every part of
+every dtype loaded in ONNX Runtime and run once on a small input (random weights: the outputs are
+only checked to be finite). A part that fails to load or run is a row saying so, not the end.
 
-Each CLI step runs in a child process whose wall time and peak anonymous memory (``RssAnon``) are
-measured; the table also lists the bytes written and the largest data chunk. Needs about 40 GB of
-free disk and 15 GB of memory (ONNX Runtime holds a part's weights while it runs it).
+Each step runs in a child process whose wall time, peak RSS (mapped pages included) and peak
+anonymous memory (``RssAnon``) are measured; the table also lists the bytes written, the largest
+data chunk, and then every dtype's files and total bytes. Needs about 50 GB of free disk and 15 GB
+of memory (ONNX Runtime holds a part's weights while it runs it).
 
-Usage: python benchmarks/paligemma2_3b.py [--workdir DIR] [--keep]
+``--shape-inference`` runs the shipped recipe with ``shape-inference`` inserted after
+``split-large-tensors``: without it the q4f16 variant fails where the lm_head is cut into row blocks
+(see README).
+
+Usage: python benchmarks/paligemma2_3b.py [--workdir DIR] [--keep] [--shape-inference]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from _harness import timed
+import yaml
+from _harness import TJS_SUFFIXES, bytes_by_dtype, timed_peaks
+
+from surgery.constants import DEFAULT_MAX_CHUNK_BYTES
+from surgery.recipe import find_recipe
 
 GB = 1e9
 
@@ -46,45 +57,101 @@ def _bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
 
 
+def _recipe(path: Path) -> str:
+    """The shipped recipe with ``shape-inference`` after ``split-large-tensors``, written to ``path``."""
+    recipe = yaml.safe_load(find_recipe("paligemma2").read_text())
+    passes = recipe["passes"]
+    passes.insert(passes.index("split-large-tensors") + 1, "shape-inference")
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)
+
+
+def _listing(onnx_dir: Path) -> str:
+    """Every dtype's files (name and bytes) and total, as Markdown."""
+    files: dict[str, list[Path]] = {}
+    for path in sorted(onnx_dir.iterdir()):
+        stem = path.name.split(".onnx")[0]
+        dtype = next((d for s, d in TJS_SUFFIXES.items() if stem.endswith(s)), "fp32")
+        files.setdefault(dtype, []).append(path)
+    lines = ["| dtype | files (bytes) | total GB |", "|---|---|---:|"]
+    for dtype, paths in files.items():
+        names = ", ".join(f"`{p.name}` ({p.stat().st_size:,})" for p in paths)
+        lines.append(f"| {dtype} | {names} | {sum(p.stat().st_size for p in paths) / GB:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the files written")
+    parser.add_argument(
+        "--shape-inference",
+        action="store_true",
+        help="insert shape-inference after split-large-tensors in the recipe (see README)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pg2-3b-", dir=args.workdir))
     cli = [sys.executable, "-m", "surgery.cli"]
-    rows: list[tuple[str, float, int, str]] = []
+    rows: list[tuple[str, float, int, int, str]] = []
+    listing = ""
     try:
         checkpoint, model, out = work / "checkpoint", work / "model.onnx", work / "out"
-        wall, peak = timed(
+        wall, rss, anon = timed_peaks(
             [*cli, "make-random", "paligemma2-3b-pt-224", "-o", str(checkpoint), "-q"]
         )
         rows.append(
-            ("make-random (bf16)", wall, peak, f"{_bytes(checkpoint, '*.safetensors') / GB:.2f} GB")
+            (
+                "make-random (bf16)",
+                wall,
+                rss,
+                anon,
+                f"{_bytes(checkpoint, '*.safetensors') / GB:.2f} GB",
+            )
         )
-        wall, peak = timed([*cli, "export", str(checkpoint), "-o", str(model), "-q"])
-        rows.append(("export (fp32)", wall, peak, f"{_bytes(work, 'model.onnx*') / GB:.2f} GB"))
-        wall, peak = timed([*cli, "apply", "paligemma2", str(model), "-o", str(out), "-q"])
-        chunks = sorted((out / "onnx").glob("*.onnx_data*"), key=lambda p: p.stat().st_size)
+        wall, rss, anon = timed_peaks([*cli, "export", str(checkpoint), "-o", str(model), "-q"])
+        rows.append(
+            ("export (fp32)", wall, rss, anon, f"{_bytes(work, 'model.onnx*') / GB:.2f} GB")
+        )
+        recipe = _recipe(work / "recipe.yaml") if args.shape_inference else "paligemma2"
+        wall, rss, anon = timed_peaks([*cli, "apply", recipe, str(model), "-o", str(out), "-q"])
+        if not args.keep:  # the export is read no more: free its 12 GB before the ORT runs
+            for path in work.glob("model.onnx*"):
+                path.unlink()
+        onnx_dir = out / "onnx"
+        chunks = sorted(onnx_dir.glob("*.onnx_data*"), key=lambda p: p.stat().st_size)
+        largest = chunks[-1].stat().st_size
+        under = "all < 2 GB" if largest < DEFAULT_MAX_CHUNK_BYTES else "NOT all < 2 GB"
+        per_dtype = ", ".join(
+            f"{d} {n / GB:.2f}" for d, n in sorted(bytes_by_dtype(onnx_dir).items())
+        )
         rows.append(
             (
-                "apply paligemma2 (fp32 + fp16)",
+                "apply paligemma2 (fp32 + fp16 + q8 + q4f16)",
                 wall,
-                peak,
-                f"{_bytes(out / 'onnx', '*') / GB:.2f} GB, {len(chunks)} chunks, largest {chunks[-1].stat().st_size / GB:.2f} GB",
+                rss,
+                anon,
+                f"{_bytes(onnx_dir, '*') / GB:.2f} GB ({per_dtype}), {len(chunks)} chunks, "
+                f"largest {largest / GB:.3f} GB ({under})",
             )
         )
         counts = json.loads((out / "config.json").read_text())["transformers.js_config"]
         print(json.dumps(counts, indent=1), file=sys.stderr)
-        for part in sorted((out / "onnx").glob("*.onnx")):
-            wall, peak = timed([sys.executable, "-c", _RUN_PART, str(part)])
-            rows.append((f"ORT load + run {part.name}", wall, peak, "finite"))
+        listing = _listing(onnx_dir)
+        for part in sorted(onnx_dir.glob("*.onnx")):
+            try:
+                wall, rss, anon = timed_peaks([sys.executable, "-c", _RUN_PART, str(part)])
+                rows.append((f"ORT load + run {part.name}", wall, rss, anon, "finite"))
+            except SystemExit as failure:  # a part that does not load or run is a finding
+                rows.append((f"ORT load + run {part.name}", math.nan, 0, 0, f"FAILED: {failure}"))
+    except SystemExit as failure:  # a CLI step failed: the table shows what ran, then the failure
+        rows.append((f"FAILED: {failure}", math.nan, 0, 0, ""))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'step':<48} {'wall s':>8} {'peak anon GiB':>14}  output")
-    for name, wall, peak, note in rows:
-        print(f"{name:<48} {wall:>8.1f} {peak / 2**30:>14.2f}  {note}")
+    print("\n| step | wall s | peak RSS GiB | peak anon GiB | output |\n|---|---:|---:|---:|---|")
+    for name, wall, rss, anon, note in rows:
+        print(f"| {name} | {wall:.1f} | {rss / 2**30:.2f} | {anon / 2**30:.2f} | {note} |")
+    print(f"\n{listing}")
 
 
 if __name__ == "__main__":
