@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Signals that end a run with cleanup (Ctrl-C, and SIGTERM which the CLI turns into the same).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -218,9 +222,18 @@ def _clean_stale(dest: Path) -> None:
 
 @contextlib.contextmanager
 def _locked_temp_dir(dest: Path) -> Iterator[Path]:
-    """An empty, locked folder beside ``dest`` (permissions of a new folder), removed at exit."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    """An empty, locked folder beside ``dest`` (permissions of a new folder), removed at exit.
+
+    Ctrl-C and SIGTERM are held back until the folder is made and the ``try`` that removes it is
+    entered, so none can land between its ``mkdir`` and that ``try`` (seen on a loaded machine: a
+    leftover folder after Ctrl-C).
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    blocked, tmp = True, None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a pending signal is raised here
+        blocked = False
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -231,7 +244,9 @@ def _locked_temp_dir(dest: Path) -> Iterator[Path]:
         finally:
             os.close(fd)
     finally:
-        if os.path.lexists(tmp):
+        if blocked:  # mkdtemp failed
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if tmp is not None and os.path.lexists(tmp):
             _remove(tmp)
 
 
