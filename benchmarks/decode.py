@@ -10,7 +10,8 @@ exported once, then turned into Transformers.js folders by two recipes:
 * (b) ``fused``: the paligemma2 recipe as shipped (the fp16 and quantized copies are left out
   of both: only the fp32 ``decoder_model_merged`` is timed).
 
-Each row's decoder runs in ONNX Runtime CPU with 2 intra-op threads, all rows in this one run:
+Each row's decoder runs in ONNX Runtime CPU with 2 intra-op threads, all rows in this one run,
+taking turns run by run within each cell (so a drifting load on a shared machine hits every row):
 prefill of 272 and 1040 tokens (empty past; the fused decoder is fed ``num_logits_to_keep = 1``
 as Transformers.js's ``generate`` does) and one decode step at past 272, 1040 and 4112 (random
 past; same inputs for both rows); the median of ``--runs`` after one warm-up. The floor is the
@@ -173,19 +174,36 @@ def _feeds(session: object, length: int, past: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _row(decoder: Path, runs: int, cells_of: list[tuple[int, int]] | None = None) -> list[float]:
-    """Median ms of each (length, past) cell (default: the table's columns)."""
+def _rows(
+    decoders: dict[str, Path], runs: int, cells_of: list[tuple[int, int]] | None = None
+) -> dict[str, list[float]]:
+    """Median ms of each (length, past) cell (default: the table's columns) for each decoder.
+
+    The decoders take turns, run by run, within each cell: on a shared machine the load drifts
+    over minutes, and timing one row after the other would put that drift between the rows.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(decoder), options, providers=["CPUExecutionProvider"])
-    cells = []
+    sessions = {
+        label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for label, path in decoders.items()
+    }
+    rows: dict[str, list[float]] = {label: [] for label in sessions}
     for length, past in cells_of or [(n, 0) for n in PREFILL] + [(1, p) for p in PAST]:
-        feeds = _feeds(session, length, past)
-        cells.append(_median_ms(lambda f=feeds: session.run(["logits"], f), runs))
-    return cells
+        feeds = {label: _feeds(s, length, past) for label, s in sessions.items()}
+        times: dict[str, list[float]] = {label: [] for label in sessions}
+        for run in range(runs + 1):  # the first is the warm-up
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                session.run(["logits"], feeds[label])
+                if run:
+                    times[label].append((time.perf_counter() - start) * 1000)
+        for label in sessions:
+            rows[label].append(statistics.median(times[label]))
+    return rows
 
 
 def _genai_row(checkpoint: Path, work: Path, runs: int) -> list[float]:
@@ -292,7 +310,7 @@ def main() -> None:
             for p in decoders["(a) unfused"].parent.glob("decoder_model_merged.onnx_data*")
         )
         bandwidth = read_bandwidth()
-        rows = {label: _row(path, args.runs) for label, path in decoders.items()}
+        rows = _rows(decoders, args.runs)
         try:
             import onnxruntime_genai  # noqa: F401
         except ImportError:
@@ -349,7 +367,7 @@ def main() -> None:
             lean=True,
         )
         real_rows = {
-            label: _row(path, args.runs, [(PREFILL[0], 0)])[0] for label, path in real.items()
+            label: cells[0] for label, cells in _rows(real, args.runs, [(PREFILL[0], 0)]).items()
         }
         a_real, b_real = real_rows["(a) unfused"], real_rows["(b) fused"]
         print(
