@@ -7,10 +7,11 @@ the decoder is timed), is written by ``surgery make-random`` from a config this 
 exported once, then turned into Transformers.js folders by two recipes:
 
 * (a) ``unfused``: the paligemma2 recipe without ``logits-to-keep`` and ``grouped-attention``;
-* (b) ``fused``: the paligemma2 recipe as shipped (the fp16 copies are left out of both: only
-  the fp32 ``decoder_model_merged`` is timed).
+* (b) ``fused``: the paligemma2 recipe as shipped (the fp16 and quantized copies are left out
+  of both: only the fp32 ``decoder_model_merged`` is timed).
 
-Each row's decoder runs in ONNX Runtime CPU with 2 intra-op threads, all rows in this one run:
+Each row's decoder runs in ONNX Runtime CPU with 2 intra-op threads, all rows in this one run,
+taking turns run by run within each cell (so a drifting load on a shared machine hits every row):
 prefill of 272 and 1040 tokens (empty past; the fused decoder is fed ``num_logits_to_keep = 1``
 as Transformers.js's ``generate`` does) and one decode step at past 272, 1040 and 4112 (random
 past; same inputs for both rows); the median of ``--runs`` after one warm-up. The floor is the
@@ -23,6 +24,14 @@ same text weights (a ``Gemma2ForCausalLM`` checkpoint saved from the language mo
 driven by ``og.Generator`` with ``max_length`` 4200 (over the 4096 window): prefill is
 ``append_tokens`` of random ids, decode one ``generate_next_token`` after a prompt of the past's
 length.
+
+Row (d): (b) plus ``fuse-projections`` (one MatMul for Q/K/V and one for gate/up), a fusion
+the recipe leaves out unless this row shows it helps.
+
+Then, with PaliGemma 2's real 257,216-token vocabulary (the same widths and layers, another
+export): prefill of 272 tokens, (a) against (b); there the ``lm_head`` over every prompt position
+is most of what ``logits-to-keep`` saves. The 32,000-vocabulary files are deleted first and each
+folder's ``embed_tokens`` too (disk: the embedding is 2.4 GB).
 
 Usage: python benchmarks/decode.py [--workdir DIR] [--runs N] [--keep]
 """
@@ -48,7 +57,11 @@ THREADS = 2
 PREFILL = (272, 1040)
 PAST = (272, 1040, 4112)
 HIDDEN, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 2304, 4, 256, 4, 32000
+#: PaliGemma 2's real vocabulary: the extra row's model, timed at prefill 272 only.
+REAL_VOCAB = 257216
 FUSIONS = ("logits-to-keep", "grouped-attention")
+#: A fusion not in the recipe, timed as row (d): (b) plus this pass on the decoder.
+CANDIDATE = "fuse-projections"
 
 CONFIG = {
     "model_type": "paligemma",
@@ -84,18 +97,31 @@ CONFIG = {
 }
 
 
-def _recipe(work: Path, fused: bool) -> Path:
-    """The shipped paligemma2 recipe, fp32 only, with or without the fusions."""
+def _config(vocab: int) -> dict[str, object]:
+    """:data:`CONFIG` with another vocabulary (the image token stays near its end)."""
+    config = json.loads(json.dumps(CONFIG))
+    config["text_config"]["vocab_size"] = config["vocab_size"] = vocab
+    config["image_token_index"] = vocab - 64
+    return config
+
+
+def _recipe(work: Path, name: str, fused: bool, extra: str | None = None) -> Path:
+    """The shipped paligemma2 recipe, fp32 only, with or without the fusions, plus ``extra`` on
+    the decoder after them."""
     from surgery.recipe import find_recipe
 
     recipe = yaml.safe_load(find_recipe("paligemma2").read_text())
-    dropped = {"copy-parts", "fp16"} | (set() if fused else set(FUSIONS))
-    recipe["passes"] = [
-        step
-        for step in recipe["passes"]
-        if (step if isinstance(step, str) else step["pass"]) not in dropped
-    ]
-    path = work / f"{'fused' if fused else 'unfused'}.yaml"
+    dropped = {"copy-parts", "fp16", "quantize"} | (set() if fused else set(FUSIONS))
+    steps = []
+    for step in recipe["passes"]:
+        name_of = step if isinstance(step, str) else step["pass"]
+        if name_of in dropped:
+            continue
+        steps.append(step)
+        if extra is not None and name_of == FUSIONS[-1]:
+            steps.append({"pass": extra, "parts": ["decoder_model_merged"]})
+    recipe["passes"] = steps
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
@@ -148,18 +174,36 @@ def _feeds(session: object, length: int, past: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _row(decoder: Path, runs: int) -> list[float]:
+def _rows(
+    decoders: dict[str, Path], runs: int, cells_of: list[tuple[int, int]] | None = None
+) -> dict[str, list[float]]:
+    """Median ms of each (length, past) cell (default: the table's columns) for each decoder.
+
+    The decoders take turns, run by run, within each cell: on a shared machine the load drifts
+    over minutes, and timing one row after the other would put that drift between the rows.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(decoder), options, providers=["CPUExecutionProvider"])
-    cells = []
-    for length, past in [(n, 0) for n in PREFILL] + [(1, p) for p in PAST]:
-        feeds = _feeds(session, length, past)
-        cells.append(_median_ms(lambda f=feeds: session.run(["logits"], f), runs))
-    return cells
+    sessions = {
+        label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for label, path in decoders.items()
+    }
+    rows: dict[str, list[float]] = {label: [] for label in sessions}
+    for length, past in cells_of or [(n, 0) for n in PREFILL] + [(1, p) for p in PAST]:
+        feeds = {label: _feeds(s, length, past) for label, s in sessions.items()}
+        times: dict[str, list[float]] = {label: [] for label in sessions}
+        for run in range(runs + 1):  # the first is the warm-up
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                session.run(["logits"], feeds[label])
+                if run:
+                    times[label].append((time.perf_counter() - start) * 1000)
+        for label in sessions:
+            rows[label].append(statistics.median(times[label]))
+    return rows
 
 
 def _genai_row(checkpoint: Path, work: Path, runs: int) -> list[float]:
@@ -213,6 +257,36 @@ def _genai_row(checkpoint: Path, work: Path, runs: int) -> list[float]:
     return cells
 
 
+def _folders(
+    work: Path, vocab: int, rows: dict[str, tuple[bool, str | None]], *, lean: bool = False
+) -> dict[str, Path]:
+    """Export a model with ``vocab`` once; the decoder of each row's recipe applied to it.
+
+    ``lean``: delete each folder's ``embed_tokens`` files once written, and the checkpoint and
+    export once every row is applied (at the real vocabulary each holds a 2.4 GB embedding).
+    """
+    work.mkdir()
+    config = work / "config.json"
+    config.write_text(json.dumps(_config(vocab), indent=2))
+    checkpoint, model = work / "checkpoint", work / "model.onnx"
+    _cli("make-random", str(config), "-o", str(checkpoint))
+    _cli("export", str(checkpoint), "-o", str(model))
+    decoders = {}
+    for label, (fused, extra) in rows.items():
+        name = label.split()[0].strip("()")
+        out = work / name
+        _cli("apply", str(_recipe(work, name, fused, extra)), str(model), "-o", str(out))
+        decoders[label] = out / "onnx" / "decoder_model_merged.onnx"
+        if lean:
+            for path in (out / "onnx").glob("embed_tokens*"):
+                path.unlink()
+    if lean:
+        shutil.rmtree(checkpoint)
+        for path in work.glob("model.onnx*"):
+            path.unlink()
+    return decoders
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
@@ -221,22 +295,22 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="decode-bench-", dir=args.workdir))
     try:
-        config = work / "config.json"
-        config.write_text(json.dumps(CONFIG, indent=2))
-        checkpoint, model = work / "checkpoint", work / "model.onnx"
-        _cli("make-random", str(config), "-o", str(checkpoint))
-        _cli("export", str(checkpoint), "-o", str(model))
-        decoders = {}
-        for label, fused in (("(a) unfused", False), ("(b) fused", True)):
-            out = work / label.split()[-1]
-            _cli("apply", str(_recipe(work, fused)), str(model), "-o", str(out))
-            decoders[label] = out / "onnx" / "decoder_model_merged.onnx"
+        decoders = _folders(
+            work / f"vocab{VOCAB}",
+            VOCAB,
+            {
+                "(a) unfused": (False, None),
+                "(b) fused": (True, None),
+                f"(d) (b) + {CANDIDATE}": (True, CANDIDATE),
+            },
+        )
+        checkpoint = work / f"vocab{VOCAB}" / "checkpoint"
         weight_bytes = sum(
             p.stat().st_size
             for p in decoders["(a) unfused"].parent.glob("decoder_model_merged.onnx_data*")
         )
         bandwidth = read_bandwidth()
-        rows = {label: _row(path, args.runs) for label, path in decoders.items()}
+        rows = _rows(decoders, args.runs)
         try:
             import onnxruntime_genai  # noqa: F401
         except ImportError:
@@ -251,7 +325,7 @@ def main() -> None:
         )
         print("| | " + " | ".join(head) + " |")
         print("|---|" + "---:|" * len(head))
-        for label, cells in rows.items():
+        for label, cells in sorted(rows.items()):
             print(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
         base, fused = rows["(a) unfused"], rows["(b) fused"]
         print(
@@ -266,6 +340,12 @@ def main() -> None:
                 + " | ".join(f"{c / b:.2f}x" for c, b in zip(genai, fused, strict=True))
                 + " |"
             )
+        candidate = rows[f"(d) (b) + {CANDIDATE}"]
+        print(
+            "| (b) / (d) | "
+            + " | ".join(f"{b / d:.2f}x" for b, d in zip(fused, candidate, strict=True))
+            + " |"
+        )
         print(
             f"\nfloor: {weight_bytes / 1e9:.2f} GB of decoder weights / "
             f"{bandwidth / 1e9:.1f} GB/s read ({THREADS} threads) = {floor_ms:.1f} ms/token; "
@@ -273,6 +353,26 @@ def main() -> None:
             + ", ".join(
                 f"{c / floor_ms:.2f}x at past {p}" for c, p in zip(fused[2:], PAST, strict=True)
             )
+        )
+        sys.stdout.flush()
+        if not args.keep:  # disk: the real vocabulary's files are larger
+            shutil.rmtree(work / f"vocab{VOCAB}")
+            shutil.rmtree(work / "genai", ignore_errors=True)
+            shutil.rmtree(work / "gemma2", ignore_errors=True)
+            shutil.rmtree(work / "genai-cache", ignore_errors=True)
+        real = _folders(
+            work / f"vocab{REAL_VOCAB}",
+            REAL_VOCAB,
+            {"(a) unfused": (False, None), "(b) fused": (True, None)},
+            lean=True,
+        )
+        real_rows = {
+            label: cells[0] for label, cells in _rows(real, args.runs, [(PREFILL[0], 0)]).items()
+        }
+        a_real, b_real = real_rows["(a) unfused"], real_rows["(b) fused"]
+        print(
+            f"\nvocabulary {REAL_VOCAB:,}, prefill {PREFILL[0]}: (a) unfused {a_real:.1f} ms, "
+            f"(b) fused {b_real:.1f} ms, (a) / (b) {a_real / b_real:.2f}x"
         )
     finally:
         if args.keep:

@@ -95,7 +95,10 @@ def run_demo(output: str | Path, *, force: bool = False) -> int:
         )
         raise
     if ok:
-        print(f"\ndemo: greedy tokens identical to PyTorch; everything is in {output}/")
+        print(
+            f"\ndemo: greedy tokens identical to PyTorch (fp16 teacher-forced: its tokens or "
+            f"near-ties of them); everything is in {output}/"
+        )
         return 0
     print(
         f"\ndemo: greedy tokens DIFFERENT from PyTorch (see the tables above); "

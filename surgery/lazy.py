@@ -21,6 +21,10 @@ scales and zero points. :class:`SharedComputation` runs such a computation once 
 been read, so after the last member is written nothing is held. The writer reaches the members
 one after the other (they are declared together); its threads computing ahead may ask for two
 members at once, so the computation runs under a lock.
+
+Some tensors are computed from several: :class:`ConcatenatedTensor` is the concatenation of its
+sources along one axis (the fused Q/K/V weight of :mod:`passes.fuse_projections`), read from
+the sources when written.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["DerivedTensor", "SharedComputation", "SharedTensor", "computed_whole_when_written"]
+__all__ = [
+    "ConcatenatedTensor",
+    "DerivedTensor",
+    "SharedComputation",
+    "SharedTensor",
+    "computed_whole_when_written",
+]
 
 
 class DerivedTensor(ir.LazyTensor):
@@ -65,6 +75,30 @@ class DerivedTensor(ir.LazyTensor):
 
     def _compute(self) -> ir.TensorProtocol:
         return ir.Tensor(self._fn(self.source.numpy()), dtype=self.dtype, name=self.name)
+
+
+class ConcatenatedTensor(ir.LazyTensor):
+    """The concatenation of ``sources`` along ``axis``, computed each time its bytes are read.
+
+    Args:
+        sources: Tensors of one dtype and rank whose dims agree except along ``axis``.
+        axis: The axis joined (non-negative).
+        name: The tensor's name.
+    """
+
+    __slots__ = ("axis", "sources")
+
+    def __init__(self, sources: Sequence[ir.TensorProtocol], *, axis: int, name: str) -> None:
+        dims = [list(source.shape.numpy()) for source in sources]
+        shape = list(dims[0])
+        shape[axis] = sum(d[axis] for d in dims)
+        super().__init__(self._compute, dtype=sources[0].dtype, shape=ir.Shape(shape), name=name)
+        self.sources = tuple(sources)
+        self.axis = axis
+
+    def _compute(self) -> ir.TensorProtocol:
+        array = np.concatenate([source.numpy() for source in self.sources], axis=self.axis)
+        return ir.Tensor(array, dtype=self.dtype, name=self.name)
 
 
 class SharedComputation:

@@ -3,8 +3,10 @@
 Every tiny model of the export fixtures goes through ``surgery apply paligemma2``; the result must
 follow the Transformers.js contract, pass the ONNX checker by path, and generate, driven the way
 Transformers.js drives it, exactly the greedy tokens of ``generate(**processor_outputs)``: batch 1
-and a left-padded batch of 2, 20 new tokens, fp32 and fp16 files. The real client (Transformers.js
-under Node) runs one model too.
+and a left-padded batch of 2, 20 new tokens, fp32 files. The fp16 files are judged teacher-forced
+along PyTorch's path (every differing top-1 a near-tie, logits close; ``surgery.verify.near_ties``):
+random tiny weights make near-ties that fp16 rounding legitimately flips. The real client
+(Transformers.js under Node) runs one model too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from surgery.verify import processor_inputs, torch_greedy, verify
 
 MODELS = ["paligemma", "paligemma2", "paligemma2_64px", "paligemma2_window"]
 PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
-SUFFIXES = ["", "_fp16"]  # generate PyTorch's tokens exactly
+SUFFIXES = ["", "_fp16"]  # fp32: PyTorch's tokens exactly; fp16: its tokens or near-ties of them
 #: Every dtype the recipe writes: Transformers.js's defaults (fp32, fp16, q8 on wasm, q4f16).
 DTYPE_SUFFIXES = [*SUFFIXES, "_quantized", "_q4f16"]
 
@@ -130,8 +132,12 @@ def test_every_part_passes_the_checker_by_path_and_loads(applied: tuple[Path, Pa
 def test_greedy_tokens_match_pytorch(applied: tuple[Path, Path], suffix: str) -> None:
     out, checkpoint = applied
     ok, report = verify(out, checkpoint, max_new_tokens=20, suffix=suffix)
+    print(report)
     assert ok, report
-    assert report.count("identical: 20 tokens per row") == 2, report  # batch 1, padded batch 2
+    if suffix == "_fp16":  # teacher-forced: near-ties flip under fp16 rounding (surgery.verify)
+        assert report.count("teacher-forced along PyTorch's greedy path") == 2, report
+    else:
+        assert report.count("identical: 20 tokens per row") == 2, report  # batch 1, padded 2
 
 
 def test_dump_dir_has_one_openable_folder_per_pass(paligemma2_onnx: Path, tmp_path: Path) -> None:

@@ -64,3 +64,25 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert load(model)["model"].metadata_props["onnx_surgery.checkpoint"] == "checkpoint"
     assert main(["apply", "paligemma2", str(model), "-o", str(tmp_path / "again"), "-q"]) == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left"
+
+
+def test_near_ties_accepts_only_flips_of_a_small_lead() -> None:
+    from surgery.verify import NEAR_TIE, GreedyResult, near_ties
+
+    want = np.array([[3.0, 2.99, 0.0], [1.0, 0.0, 0.5]], np.float32)  # row 0: a near-tie
+    reference = GreedyResult(np.array([[0], [0]]), [want])
+    flipped = want.copy()
+    flipped[0, 1] = 3.001  # row 0 picks token 1, which PyTorch ranks 0.01 lower
+    ok, report = near_ties(reference, GreedyResult(np.array([[1], [0]]), [flipped]), "case")
+    assert ok, report
+    assert report.splitlines()[2] == (
+        f"  step 0 row 0: 1 instead of 0, which PyTorch ranks 1.00e-02 higher: a near-tie "
+        f"(< {NEAR_TIE})"
+    )
+    far = want.copy()
+    far[1, 2] = 1.2  # row 1 picks token 2, 0.5 behind: not a near-tie
+    ok, report = near_ties(reference, GreedyResult(np.array([[0], [2]]), [far]), "case")
+    assert not ok
+    assert "step 0 row 1: 2 instead of 0, which PyTorch ranks 5.00e-01 higher: NOT a near-tie" in (
+        report
+    )

@@ -15,40 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from passes import GroupedAttention
 from surgery import PassManager, SurgeryError, load, save
+from tests.passes.decoder_parity import step_deltas
 
 MODELS = ["paligemma", "paligemma2", "paligemma2_window"]
-
-
-def _feeds(checkpoint: Path, session: ort.InferenceSession) -> dict[str, np.ndarray]:
-    """Prefill: image tokens then 5 text tokens, batch 2, the second row left-padded by 3."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    vision = config["vision_config"]
-    image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
-    image_token = int(config["image_token_index"])
-    rng = np.random.default_rng(0)
-    batch = 2
-    text = rng.integers(3, 300, (batch, 5))
-    ids = np.concatenate([np.full((batch, image_tokens), image_token), text], 1).astype(np.int64)
-    ids[1, :3] = 0
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    feeds: dict[str, np.ndarray] = {
-        "input_ids": ids,
-        "pixel_values": rng.standard_normal(
-            (batch, 3, vision["image_size"], vision["image_size"]), dtype=np.float32
-        ),
-        "attention_mask": mask,
-        "position_ids": np.where(mask == 0, 1, np.cumsum(mask, -1)).astype(np.int64),
-    }
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((batch, value.shape[1], 0, value.shape[3]), np.float32)
-    return feeds
 
 
 @pytest.mark.parametrize("prefix", MODELS)
@@ -67,33 +40,15 @@ def test_fires_per_layer_and_matches_the_exported_graph(
     graph = bundle["model"].graph
     assert not [n for n in graph if n.op_type == "Expand"], "no repeat_kv copy is left"
     fused_path = save(bundle, tmp_path / "fused", progress=False) / "model.onnx"
-    unfused = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    fused = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in unfused.get_outputs()]
-    assert [o.name for o in fused.get_outputs()] == names
-    feeds = _feeds(checkpoint, unfused)
     window = json.loads((checkpoint / "config.json").read_text())["text_config"].get(
         "sliding_window"
     )
-    for step in range(4):
-        expected = dict(zip(names, unfused.run(None, feeds), strict=True))
-        got = dict(zip(names, fused.run(None, feeds), strict=True))
-        compared = ["logits", *(n for n in names if n.startswith("present."))]
-        delta = max(float(np.abs(got[n] - expected[n]).max()) for n in compared)
-        length = feeds["attention_mask"].shape[1]
+    deltas = step_deltas(exported, fused_path, checkpoint)
+    for step, (length, delta) in enumerate(deltas):
         print(f"{prefix} step {step} (total {length}, window {window}): max |delta| {delta:.3g}")
         assert delta <= 1e-4, (step, delta)
-        next_ids = expected["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
-        feeds["input_ids"] = next_ids
-        feeds["attention_mask"] = np.concatenate(
-            [feeds["attention_mask"], np.ones_like(next_ids)], 1
-        )
-        feeds["position_ids"] = feeds["position_ids"][:, -1:] + 1
-        for name in list(feeds):
-            if name.startswith("past_key_values."):
-                feeds[name] = expected[name.replace("past_key_values.", "present.")]
     if window is not None and prefix.endswith("window"):
-        assert feeds["attention_mask"].shape[1] > window + 3, "prefill and decode past the window"
+        assert deltas[-1][0] > window + 2, "prefill and decode past the window"
 
 
 def _mutated(model: ir.Model, how: str) -> None:
