@@ -22,7 +22,8 @@ Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.
   ``MultiHeadAttention`` (onnxruntime-web has no int8 ``ConvInteger``), else int8.
 
 Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels and, for 8
-bits, from its quantizer's own ``quantize_data``, called per weight as its quantizers call them
+bits, from its quantizer's own ``quantize_data`` steps (over row blocks, so its whole-weight
+temporaries are not made), called per weight as its quantizers call them
 (:mod:`passes.quantize_kernels`), so every initializer is byte-identical to theirs; names follow
 theirs too (``<w>_Q4``, ``<w>_scales``, ``<w>_zero_points``, ``<w>_Bnb4``, ``<w>_absmax``,
 ``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``). This module matches and rewrites the graph.

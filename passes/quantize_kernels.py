@@ -2,9 +2,11 @@
 and the lazy initializers that share one call.
 
 Reused, not re-implemented: ONNX Runtime's C++ packing kernels (``quantize_matmul_4bits``,
-``quantize_matmul_bnb4``) and, for 8 bits, the quantizer's own ``quant_utils.quantize_data``
-(scale, zero point and values), called per weight exactly as its quantizers call them (same
-padding, transposes, shapes and dtypes), so every array is byte-identical to theirs. Embedding
+``quantize_matmul_bnb4``) and, for 8 bits, the two halves of the quantizer's own
+``quant_utils.quantize_data`` (``compute_data_quant_params`` for the scale and zero point,
+``quantize_nparray`` for the values, over row blocks: :func:`q8_arrays`), called per weight as its
+quantizers call them (same padding, transposes, shapes and dtypes), so every array is
+byte-identical to theirs. Embedding
 tables (``GatherBlockQuantized``) have no C++ kernel in ONNX Runtime: its ``MatMulNBitsQuantizer``
 quantizes them in numpy (``DefaultWeightOnlyQuantizer.quantize_ndarray``), and so do we, with that
 very function. ``quantize_matmul_4bits`` on the transposed table is not a substitute: it rounds
@@ -30,6 +32,7 @@ from surgery.lazy import DerivedTensor, SharedComputation
 
 __all__ = [
     "GATHER_ROWS",
+    "Q8_BLOCK_BYTES",
     "bnb4_arrays",
     "gather_q4_arrays",
     "ort_kernels",
@@ -80,32 +83,65 @@ def bnb4_arrays(
     return packed, absmax
 
 
+#: Bytes of a weight's rows per step of the 8-bit path: its temporaries (ONNX Runtime's
+#: ``quantize_nparray`` makes a few float32 copies of what it is given) stay a few times this.
+Q8_BLOCK_BYTES = 8 << 20
+
+
+def _row_blocks(weight: np.ndarray) -> list[slice]:
+    """Slices of about :data:`Q8_BLOCK_BYTES` of ``weight``'s rows (the last one ragged)."""
+    rows = max(1, Q8_BLOCK_BYTES // max(1, weight[:1].nbytes))
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
 def q8_arrays(
     weight: np.ndarray, qtype: int, per_channel: bool, reduce_range: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantized values, scale and zero point as ``ONNXQuantizer.quantize_initializer`` (per
-    tensor) or ``quantize_weight_per_channel`` (axis -1) compute them for a MatMul weight."""
-    from onnxruntime.quantization.quant_utils import quantize_data
+    tensor) or ``quantize_weight_per_channel`` (axis -1) compute them for a ``[K, N]`` MatMul
+    weight.
+
+    Its ``quantize_data`` would make several whole-weight float32 temporaries, so it is split in
+    its own two steps: the minimum and maximum (of the weight, or of each column) are gathered over
+    row blocks, ``compute_data_quant_params`` turns them into the scale and zero point (given the
+    two-element array ``[min, max]``, whose extremes are the weight's), and ``quantize_nparray``
+    quantizes one row block at a time into the result. Both steps are elementwise or exact
+    reductions, so the bytes equal one ``quantize_data`` call's."""
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
 
     symmetric = qtype == TensorProto.INT8  # BaseQuantizer.is_weight_symmetric
     dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
+    blocks = _row_blocks(weight) if weight.size else []
+    values = np.empty(weight.shape, dtype)
+
+    def params(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        extremes = np.array([low, high], weight.dtype) if blocks else np.empty(0, weight.dtype)
+        return compute_data_quant_params(extremes, qtype, symmetric, reduce_range)
+
     if not per_channel:
-        zero_point, scale, values = quantize_data(weight.flatten(), qtype, symmetric, reduce_range)
+        zero_point, scale = params(
+            np.min([weight[rows].min() for rows in blocks] or [0]),
+            np.max([weight[rows].max() for rows in blocks] or [0]),
+        )
+        for rows in blocks:
+            values[rows] = quantize_nparray(qtype, weight[rows], scale, zero_point)
         return (
-            np.asarray(values, dtype=dtype).reshape(weight.shape),
+            values,
             np.asarray(scale, dtype=weight.dtype).reshape(()),
             np.asarray(zero_point, dtype=dtype).reshape(()),
         )
-    columns = [
-        quantize_data(weight.take(i, -1).flatten(), qtype, symmetric, reduce_range)
-        for i in range(weight.shape[-1])
-    ]
-    values = np.concatenate([np.asarray(q).reshape(-1, 1) for _, _, q in columns], -1)
-    return (
-        np.asarray(values, dtype=dtype).reshape(weight.shape),
-        np.hstack([s for _, s, _ in columns]).astype(weight.dtype),
-        np.hstack([z for z, _, _ in columns]).astype(dtype),
-    )
+    columns = weight.shape[-1]
+    low = np.full(columns, np.inf, weight.dtype)
+    high = np.full(columns, -np.inf, weight.dtype)
+    for rows in blocks:
+        np.minimum(low, weight[rows].min(0), out=low)
+        np.maximum(high, weight[rows].max(0), out=high)
+    channels = [params(low[i], high[i]) for i in range(columns)]
+    zero_points = np.hstack([z for z, _ in channels]).astype(dtype)
+    scales = np.hstack([s for _, s in channels]).astype(weight.dtype)
+    for rows in blocks:
+        values[rows] = quantize_nparray(qtype, weight[rows], scales, zero_points)
+    return values, scales, zero_points
 
 
 #: Rows of an embedding table per call of ONNX Runtime's Gather quantizer (even, so a chunk's
