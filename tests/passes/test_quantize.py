@@ -382,7 +382,7 @@ def test_q8_row_blocks_equal_quantize_data_byte_for_byte(
     from passes import quantize_kernels
 
     # 7 rows of 37 float32 per block: a 61-row weight ends in a ragged block of 5 rows.
-    monkeypatch.setattr(quantize_kernels, "Q8_BLOCK_BYTES", 7 * 37 * 4)
+    monkeypatch.setattr(quantize_kernels, "BLOCK_BYTES", 7 * 37 * 4)
     rng = np.random.default_rng(qtype * 4 + per_channel * 2 + reduce_range)
     weights = {
         "normal": rng.standard_normal((61, 37), dtype=np.float32),
@@ -393,21 +393,24 @@ def test_q8_row_blocks_equal_quantize_data_byte_for_byte(
         "empty": np.zeros((0, 37), np.float32),
     }
     for name, weight in weights.items():
-        ours = quantize_kernels.q8_arrays(weight, qtype, per_channel, reduce_range)
         theirs = _quantize_data_as_onnx_quantizer(weight, qtype, per_channel, reduce_range)
-        for got, want in zip(ours, theirs, strict=True):
-            assert got.shape == want.shape, name
-            assert got.tobytes() == want.astype(got.dtype).tobytes(), name
-            if got.size:
-                assert got.dtype == want.dtype, name
+        # As stored, and as the transposed view of a stored [N, K] (a tied lm_head's), which is
+        # read in blocks of its [37, 61] rows (4 rows a block, the last block ragged: 1 row).
+        for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
+            ours = quantize_kernels.q8_arrays(view, qtype, per_channel, reduce_range)
+            for got, want in zip(ours, theirs, strict=True):
+                assert got.shape == want.shape, (name, layout)
+                assert got.tobytes() == want.astype(got.dtype).tobytes(), (name, layout)
+                if got.size:
+                    assert got.dtype == want.dtype, (name, layout)
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
 def test_q8_temporaries_are_bounded_by_the_row_block(per_channel: bool) -> None:
-    from passes.quantize_kernels import Q8_BLOCK_BYTES, q8_arrays
+    from passes.quantize_kernels import BLOCK_BYTES, q8_arrays
 
     weight = np.random.default_rng(0).standard_normal((4096, 1024), dtype=np.float32)
-    assert weight.nbytes == 2 * Q8_BLOCK_BYTES
+    assert weight.nbytes == 2 * BLOCK_BYTES
     tracemalloc.start()
     try:
         values, _, _ = q8_arrays(weight, TensorProto.UINT8, per_channel, False)
@@ -416,4 +419,29 @@ def test_q8_temporaries_are_bounded_by_the_row_block(per_channel: bool) -> None:
         tracemalloc.stop()
     # Beside the int8 result, a few float32 copies of one row block (measured: 2.0 to 2.3 blocks);
     # quantize_data on the whole weight made about three copies of it (measured: 5.7 blocks).
-    assert peak - values.nbytes < 3 * Q8_BLOCK_BYTES
+    assert peak - values.nbytes < 3 * BLOCK_BYTES
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_q4_column_strips_equal_onnx_runtime_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch, symmetric: bool
+) -> None:
+    from onnxruntime.capi import _pybind_state
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    from passes import quantize_kernels
+
+    # K = 45 rows padded to 64 (block 32): 64 * 4 bytes a column, 3 columns a strip, 37 columns
+    # end in a ragged strip of 1.
+    monkeypatch.setattr(quantize_kernels, "BLOCK_BYTES", 3 * 64 * 4)
+    weight = np.random.default_rng(symmetric).standard_normal((45, 37), dtype=np.float32)
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(32, symmetric))
+    theirs = quantizer.qbits_block_quant(weight)
+    for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
+        ours = quantize_kernels.q4_arrays(_pybind_state, view, 32, symmetric)
+        for got, want in zip(ours, theirs, strict=True):
+            assert (got.shape, got.dtype) == (want.shape, want.dtype), layout
+            assert got.tobytes() == want.tobytes(), layout
