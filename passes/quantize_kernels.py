@@ -6,10 +6,9 @@ Reused, not re-implemented: ONNX Runtime's C++ packing kernels (``quantize_matmu
 ``quant_utils.quantize_data`` (``compute_data_quant_params`` for the scale and zero point,
 ``quantize_nparray`` for the values, over row blocks: :func:`q8_arrays`), called per weight as its
 quantizers call them (same padding, transposes, shapes and dtypes), so every array is
-byte-identical to theirs. Embedding
-tables (``GatherBlockQuantized``) have no C++ kernel in ONNX Runtime: its ``MatMulNBitsQuantizer``
-quantizes them in numpy (``DefaultWeightOnlyQuantizer.quantize_ndarray``), and so do we, with that
-very function. ``quantize_matmul_4bits`` on the transposed table is not a substitute: it rounds
+byte-identical to theirs. Embedding tables (``GatherBlockQuantized``) have no C++ kernel in ONNX
+Runtime: its ``MatMulNBitsQuantizer`` quantizes them in numpy
+(``DefaultWeightOnlyQuantizer.quantize_ndarray``), and so do we, with that very function. ``quantize_matmul_4bits`` on the transposed table is not a substitute: it rounds
 differently (measured: 5 of 20 random tables differ in a few nibbles, symmetric; 8 of 20
 asymmetric).
 

@@ -405,12 +405,15 @@ def test_q8_row_blocks_equal_quantize_data_byte_for_byte(
                     assert got.dtype == want.dtype, (name, layout)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored", "transposed"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
-def test_q8_temporaries_are_bounded_by_the_row_block(per_channel: bool) -> None:
+def test_q8_temporaries_are_bounded_by_the_row_block(per_channel: bool, transposed: bool) -> None:
     from passes.quantize_kernels import BLOCK_BYTES, q8_arrays
 
     weight = np.random.default_rng(0).standard_normal((4096, 1024), dtype=np.float32)
     assert weight.nbytes == 2 * BLOCK_BYTES
+    if transposed:  # a tied lm_head's [N, K] as its MatMul reads it: no whole copy either
+        weight = weight.T
     tracemalloc.start()
     try:
         values, _, _ = q8_arrays(weight, TensorProto.UINT8, per_channel, False)
