@@ -11,11 +11,7 @@ anonymous memory (``RssAnon``) are measured; the table also lists the bytes writ
 data chunk, and then every dtype's files and total bytes. Needs about 50 GB of free disk and 15 GB
 of memory (ONNX Runtime holds a part's weights while it runs it).
 
-``--shape-inference`` runs the shipped recipe with ``shape-inference`` inserted after
-``split-large-tensors``: without it the q4f16 variant fails where the lm_head is cut into row blocks
-(see README).
-
-Usage: python benchmarks/paligemma2_3b.py [--workdir DIR] [--keep] [--shape-inference]
+Usage: python benchmarks/paligemma2_3b.py [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -28,11 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from _harness import TJS_SUFFIXES, bytes_by_dtype, timed_peaks
 
 from surgery.constants import DEFAULT_MAX_CHUNK_BYTES
-from surgery.recipe import find_recipe
 
 GB = 1e9
 
@@ -57,15 +51,6 @@ def _bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
 
 
-def _recipe(path: Path) -> str:
-    """The shipped recipe with ``shape-inference`` after ``split-large-tensors``, written to ``path``."""
-    recipe = yaml.safe_load(find_recipe("paligemma2").read_text())
-    passes = recipe["passes"]
-    passes.insert(passes.index("split-large-tensors") + 1, "shape-inference")
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return str(path)
-
-
 def _listing(onnx_dir: Path) -> str:
     """Every dtype's files (name and bytes) and total, as Markdown."""
     files: dict[str, list[Path]] = {}
@@ -84,11 +69,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the files written")
-    parser.add_argument(
-        "--shape-inference",
-        action="store_true",
-        help="insert shape-inference after split-large-tensors in the recipe (see README)",
-    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pg2-3b-", dir=args.workdir))
     cli = [sys.executable, "-m", "surgery.cli"]
@@ -112,8 +92,9 @@ def main() -> None:
         rows.append(
             ("export (fp32)", wall, rss, anon, f"{_bytes(work, 'model.onnx*') / GB:.2f} GB")
         )
-        recipe = _recipe(work / "recipe.yaml") if args.shape_inference else "paligemma2"
-        wall, rss, anon = timed_peaks([*cli, "apply", recipe, str(model), "-o", str(out), "-q"])
+        wall, rss, anon = timed_peaks(
+            [*cli, "apply", "paligemma2", str(model), "-o", str(out), "-q"]
+        )
         if not args.keep:  # the export is read no more: free its 12 GB before the ORT runs
             for path in work.glob("model.onnx*"):
                 path.unlink()

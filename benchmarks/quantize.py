@@ -187,17 +187,14 @@ def _model(folder: Path, scale: str) -> tuple[Path, list[tuple[str, float, int, 
     return model, rows
 
 
-def _recipe(path: Path, shape_inference: bool) -> Path:
-    """The shipped recipe's fp32 steps plus a copy-parts + quantize pair per dtype of (a)
-    (and ``shape-inference`` after ``split-large-tensors`` if asked)."""
+def _recipe(path: Path) -> Path:
+    """The shipped recipe's fp32 steps plus a copy-parts + quantize pair per dtype of (a)."""
     recipe = yaml.safe_load(find_recipe("paligemma2").read_text())
     passes = [
         p
         for p in recipe["passes"]
         if not (isinstance(p, dict) and p.get("pass") in ("copy-parts", "fp16", "quantize"))
     ]
-    if shape_inference:
-        passes.insert(passes.index("split-large-tensors") + 1, "shape-inference")
     fold = passes.index("fold-transposes")
     extra: list[Any] = []
     for suffix, options in VARIANTS.items():
@@ -228,9 +225,7 @@ def _row(rows: list[Any], scale: str, *row: Any) -> None:
     print(f"ROW {scale}: {row}", flush=True)
 
 
-def _measure(
-    work: Path, scale: str, anchor: bool, shape_inference: bool
-) -> tuple[list[Any], dict[str, Any]]:
+def _measure(work: Path, scale: str, anchor: bool) -> tuple[list[Any], dict[str, Any]]:
     """Rows ``(step, wall s, peak RSS, peak anon, bytes written)`` and the targets of one scale."""
     folder = work / scale
     model, rows = _model(folder, scale)
@@ -245,7 +240,7 @@ def _measure(
 
     out = folder / "out"
     shutil.rmtree(out, ignore_errors=True)
-    recipe = _recipe(folder / "quantize.yaml", shape_inference)
+    recipe = _recipe(folder / "quantize.yaml")
     cli = [sys.executable, "-m", "surgery.cli"]
     step = "(a) surgery apply: fp32 + q8 + q4 + q4f16 + bnb4"
     try:
@@ -297,20 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scales", nargs="+", choices=list(SCALES), default=["half", "full"])
     parser.add_argument("--no-anchor", action="store_true", help="skip the anchor rows (b)")
-    parser.add_argument(
-        "--shape-inference",
-        action="store_true",
-        help="insert shape-inference after split-large-tensors in (a)'s recipe (works around "
-        "q4f16 failing on the untyped row-block values of a split lm_head; see README)",
-    )
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="quantize-bench-"))
     results = []
     try:
         for scale in args.scales:
-            results.append(
-                (scale, *_measure(work, scale, not args.no_anchor, args.shape_inference))
-            )
+            results.append((scale, *_measure(work, scale, not args.no_anchor)))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

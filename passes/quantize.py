@@ -22,7 +22,8 @@ Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.
   ``MultiHeadAttention`` (onnxruntime-web has no int8 ``ConvInteger``), else int8.
 
 Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels and, for 8
-bits, from its quantizer's own ``quantize_data``, called per weight as its quantizers call them
+bits, from its quantizer's own ``quantize_data`` steps (over row blocks, so its whole-weight
+temporaries are not made), called per weight as its quantizers call them
 (:mod:`passes.quantize_kernels`), so every initializer is byte-identical to theirs; names follow
 theirs too (``<w>_Q4``, ``<w>_scales``, ``<w>_zero_points``, ``<w>_Bnb4``, ``<w>_absmax``,
 ``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``). This module matches and rewrites the graph.
@@ -34,8 +35,9 @@ Where this departs, and why:
   that runs when the writer reaches the first of them and is let go after the last, so a weight
   is quantized once and only a few are held at a time;
 * it matches the tied ``lm_head`` through its ``Transpose`` (``MatMul(x, Transpose(W))``, as
-  exported, before ``fold-transposes``): the weight is transposed lazily and quantized as the
-  folded initializer would be, under the folded initializer's name;
+  exported, before ``fold-transposes``): the kernels get the stored weight's transposed view (no
+  copy where they can read it as stored) and quantize it as the folded initializer would be, under
+  the folded initializer's name;
 * only 2-D weights of MatMul (the exported graph has no other), and for 8 bits only MatMul:
   ONNX Runtime's ``IntegerOps`` also rewrites ``Conv`` (``ConvInteger``) and ``Gather``, which
   this pass leaves float;
@@ -65,7 +67,6 @@ from passes.quantize_kernels import (
     q4_arrays,
     q8_arrays,
     shared_initializers,
-    transposed,
 )
 from passes.quantize_kernels import ort_kernels as _kernels
 from surgery.pass_infra import ModelPass, PassOptions
@@ -166,8 +167,18 @@ class _Weight:
 
     key: ir.Value  # the value the MatMuls read as B (the initializer, or a Transpose's output)
     name: str
-    tensor: ir.TensorProtocol  # [K, N], lazy when transposed
+    stored: ir.TensorProtocol  # the initializer's tensor: [K, N], or [N, K] under a Transpose
     transpose: ir.Node | None  # the Transpose between the initializer and the MatMuls
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``[K, N]``."""
+        rows, cols = (int(d) for d in self.stored.shape.numpy())
+        return (cols, rows) if self.transpose is not None else (rows, cols)
+
+    def matrix(self, stored: np.ndarray) -> np.ndarray:
+        """The ``[K, N]`` view of the stored array (a transposed view under a Transpose)."""
+        return stored.T if self.transpose is not None else stored
 
 
 def _node(
@@ -275,7 +286,7 @@ class Quantize(ModelPass[QuantizeOptions]):
                 node.name, self.options.node_block_list
             ):
                 counts["blocked"] += 1
-            elif weight.tensor.size < self.options.min_elements:
+            elif weight.stored.size < self.options.min_elements:
                 counts["small"] += 1
             else:
                 if weight.key not in weights:
@@ -400,16 +411,13 @@ class Quantize(ModelPass[QuantizeOptions]):
             or len(tensor.shape) != 2
         ):
             return None
-        name = b.name or f"{source.name}_transposed"
-        if transpose is not None:
-            return _Weight(b, name, transposed(tensor, name), transpose)
-        return _Weight(b, name, tensor, None)
+        return _Weight(b, b.name or f"{source.name}_transposed", tensor, transpose)
 
     def _quantized_initializers(self, graph: ir.Graph, weight: _Weight) -> list[ir.Value]:
         """The lazily quantized initializers of one weight, declared together, sharing one run."""
         options = self.options
-        k, n = (int(d) for d in weight.tensor.shape.numpy())
-        dtype = weight.tensor.dtype
+        k, n = weight.shape
+        dtype = weight.stored.dtype
         w = weight.name
         fn: Callable[[np.ndarray], Sequence[np.ndarray]]
         specs: list[tuple[str, ir.DataType, list[int]]]
@@ -441,7 +449,9 @@ class Quantize(ModelPass[QuantizeOptions]):
                 (f"{w}_scale", dtype, params),
                 (f"{w}_zero_point", itype, params),
             ]
-        return shared_initializers(graph, weight.tensor, fn, specs)
+        return shared_initializers(
+            graph, weight.stored, lambda stored: fn(weight.matrix(stored)), specs
+        )
 
     def _q8_type(self, graph: ir.Graph) -> int:
         mode = self.options.mode
@@ -457,7 +467,7 @@ class Quantize(ModelPass[QuantizeOptions]):
         if options.mode in ("q4", "q4f16", "bnb4"):
 
             def four_bit(node: ir.Node, weight: _Weight, inits: list[ir.Value]) -> None:
-                k, n = (int(d) for d in weight.tensor.shape.numpy())
+                k, n = weight.shape
                 a = node.inputs[0]
                 if options.mode == "bnb4":
                     op, tag = "MatMulBnb4", "Bnb4"

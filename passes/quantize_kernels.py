@@ -2,12 +2,13 @@
 and the lazy initializers that share one call.
 
 Reused, not re-implemented: ONNX Runtime's C++ packing kernels (``quantize_matmul_4bits``,
-``quantize_matmul_bnb4``) and, for 8 bits, the quantizer's own ``quant_utils.quantize_data``
-(scale, zero point and values), called per weight exactly as its quantizers call them (same
-padding, transposes, shapes and dtypes), so every array is byte-identical to theirs. Embedding
-tables (``GatherBlockQuantized``) have no C++ kernel in ONNX Runtime: its ``MatMulNBitsQuantizer``
-quantizes them in numpy (``DefaultWeightOnlyQuantizer.quantize_ndarray``), and so do we, with that
-very function. ``quantize_matmul_4bits`` on the transposed table is not a substitute: it rounds
+``quantize_matmul_bnb4``) and, for 8 bits, the two halves of the quantizer's own
+``quant_utils.quantize_data`` (``compute_data_quant_params`` for the scale and zero point,
+``quantize_nparray`` for the values, over row blocks: :func:`q8_arrays`), called per weight as its
+quantizers call them (same padding, transposes, shapes and dtypes), so every array is
+byte-identical to theirs. Embedding tables (``GatherBlockQuantized``) have no C++ kernel in ONNX
+Runtime: its ``MatMulNBitsQuantizer`` quantizes them in numpy
+(``DefaultWeightOnlyQuantizer.quantize_ndarray``), and so do we, with that very function. ``quantize_matmul_4bits`` on the transposed table is not a substitute: it rounds
 differently (measured: 5 of 20 random tables differ in a few nibbles, symmetric; 8 of 20
 asymmetric).
 
@@ -26,9 +27,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto
 
-from surgery.lazy import DerivedTensor, SharedComputation
+from surgery.lazy import SharedComputation
 
 __all__ = [
+    "BLOCK_BYTES",
     "GATHER_ROWS",
     "bnb4_arrays",
     "gather_q4_arrays",
@@ -36,7 +38,6 @@ __all__ = [
     "q4_arrays",
     "q8_arrays",
     "shared_initializers",
-    "transposed",
 ]
 
 
@@ -47,31 +48,50 @@ def ort_kernels() -> typing.Any:
     return _pybind_state
 
 
+#: Bytes of a weight read per step of the 4- and 8-bit paths: their temporaries (ONNX Runtime's
+#: ``quantize_nparray`` makes a few float32 copies of what it is given) stay a few times this.
+BLOCK_BYTES = 8 << 20
+
+
 def q4_arrays(
     kernels: typing.Any, weight: np.ndarray, block_size: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Packed values, scales and zero points: ``DefaultWeightOnlyQuantizer.qbits_block_quant``."""
+    """Packed values, scales and zero points: ``DefaultWeightOnlyQuantizer.qbits_block_quant``,
+    one call per strip of about :data:`BLOCK_BYTES` of ``weight``'s columns (each column is
+    quantized alone, so the bytes equal one call's), so a transposed view is not copied whole."""
     rows, cols = weight.shape
     k_blocks = (rows + block_size - 1) // block_size
     blob_size = (block_size + 1) // 2
     pad = k_blocks * block_size - rows
-    if pad:
-        weight = np.pad(weight, ((0, pad), (0, 0)), "constant")
-    weight = np.ascontiguousarray(weight)
     packed = np.zeros((cols, k_blocks, blob_size), dtype=np.uint8)
     zero_points = np.zeros((cols, (k_blocks + 1) // 2), dtype=np.uint8)
     scales = np.zeros((cols, k_blocks), dtype=weight.dtype)
-    kernels.quantize_matmul_4bits(
-        packed, weight, scales, zero_points, block_size, cols, rows, symmetric
-    )
+    strip = max(1, BLOCK_BYTES // max(1, weight.dtype.itemsize * (rows + pad)))
+    for start in range(0, cols, strip):
+        columns = slice(start, min(start + strip, cols))
+        part = np.ascontiguousarray(np.pad(weight[:, columns], ((0, pad), (0, 0)), "constant"))
+        width = part.shape[1]
+        part_packed = np.zeros((width, k_blocks, blob_size), dtype=np.uint8)
+        part_zero_points = np.zeros((width, (k_blocks + 1) // 2), dtype=np.uint8)
+        part_scales = np.zeros((width, k_blocks), dtype=weight.dtype)
+        kernels.quantize_matmul_4bits(
+            part_packed, part, part_scales, part_zero_points, block_size, width, rows, symmetric
+        )
+        packed[columns], scales[columns], zero_points[columns] = (
+            part_packed,
+            part_scales,
+            part_zero_points,
+        )
     return packed, scales, zero_points
 
 
 def bnb4_arrays(
     kernels: typing.Any, weight: np.ndarray, block_size: int, quant_type: int
 ) -> tuple[np.ndarray, ...]:
-    """Packed values and absmax: ``MatMulBnb4Quantizer.bnb4_block_quant``."""
-    transposed = weight.transpose().copy()
+    """Packed values and absmax: ``MatMulBnb4Quantizer.bnb4_block_quant``, which copies the
+    transpose of ``weight``; none is made where ``weight`` is already a transposed view (a tied
+    lm_head under its Transpose)."""
+    transposed = np.ascontiguousarray(weight.T)
     rows, cols = weight.shape
     numel = rows * cols
     packed = np.zeros((numel + 1) // 2, dtype=np.uint8)
@@ -80,32 +100,71 @@ def bnb4_arrays(
     return packed, absmax
 
 
+def _row_blocks(weight: np.ndarray) -> list[slice]:
+    """Slices of about :data:`BLOCK_BYTES` of ``weight``'s rows (the last one ragged)."""
+    rows = max(1, BLOCK_BYTES // max(1, weight[:1].nbytes))
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
 def q8_arrays(
     weight: np.ndarray, qtype: int, per_channel: bool, reduce_range: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantized values, scale and zero point as ``ONNXQuantizer.quantize_initializer`` (per
-    tensor) or ``quantize_weight_per_channel`` (axis -1) compute them for a MatMul weight."""
-    from onnxruntime.quantization.quant_utils import quantize_data
+    tensor) or ``quantize_weight_per_channel`` (axis -1) compute them for a ``[K, N]`` MatMul
+    weight.
+
+    Its ``quantize_data`` would make several whole-weight float32 temporaries, so it is split in
+    its own two steps: the minimum and maximum (of the weight, or of each column) are gathered over
+    row blocks, ``compute_data_quant_params`` turns them into the scale and zero point (given the
+    two-element array ``[min, max]``, whose extremes are the weight's), and ``quantize_nparray``
+    quantizes one row block at a time into the result. Both steps are elementwise or exact
+    reductions, so the bytes equal one ``quantize_data`` call's. A ``weight`` that is the
+    transposed view of a stored array is read in blocks of the stored rows, not copied."""
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
 
     symmetric = qtype == TensorProto.INT8  # BaseQuantizer.is_weight_symmetric
     dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
+    values = np.empty(weight.shape, dtype)
+    flip = not weight.flags.c_contiguous and weight.T.flags.c_contiguous  # stored as [N, K]
+    stored, out = (weight.T, values.T) if flip else (weight, values)
+    blocks = _row_blocks(stored) if weight.size else []
+
+    def params(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        extremes = np.array([low, high], weight.dtype) if blocks else np.empty(0, weight.dtype)
+        return compute_data_quant_params(extremes, qtype, symmetric, reduce_range)
+
     if not per_channel:
-        zero_point, scale, values = quantize_data(weight.flatten(), qtype, symmetric, reduce_range)
+        zero_point, scale = params(
+            np.min([stored[rows].min() for rows in blocks] or [0]),
+            np.max([stored[rows].max() for rows in blocks] or [0]),
+        )
+        for rows in blocks:
+            out[rows] = quantize_nparray(qtype, stored[rows], scale, zero_point)
         return (
-            np.asarray(values, dtype=dtype).reshape(weight.shape),
+            values,
             np.asarray(scale, dtype=weight.dtype).reshape(()),
             np.asarray(zero_point, dtype=dtype).reshape(()),
         )
-    columns = [
-        quantize_data(weight.take(i, -1).flatten(), qtype, symmetric, reduce_range)
-        for i in range(weight.shape[-1])
-    ]
-    values = np.concatenate([np.asarray(q).reshape(-1, 1) for _, _, q in columns], -1)
-    return (
-        np.asarray(values, dtype=dtype).reshape(weight.shape),
-        np.hstack([s for _, s, _ in columns]).astype(weight.dtype),
-        np.hstack([z for z, _, _ in columns]).astype(dtype),
-    )
+    columns = weight.shape[-1]
+    low = np.full(columns, np.inf, weight.dtype)
+    high = np.full(columns, -np.inf, weight.dtype)
+    for rows in blocks:  # a channel is a column of weight: a row of stored when flipped
+        if flip:
+            low[rows], high[rows] = stored[rows].min(1), stored[rows].max(1)
+        else:
+            np.minimum(low, stored[rows].min(0), out=low)
+            np.maximum(high, stored[rows].max(0), out=high)
+    channels = [params(low[i], high[i]) for i in range(columns)]
+    zero_points = np.hstack([z for z, _ in channels]).astype(dtype)
+    scales = np.hstack([s for _, s in channels]).astype(weight.dtype)
+    for rows in blocks:
+        if flip:
+            out[rows] = quantize_nparray(
+                qtype, stored[rows], scales[rows, None], zero_points[rows, None]
+            )
+        else:
+            out[rows] = quantize_nparray(qtype, stored[rows], scales, zero_points)
+    return values, scales, zero_points
 
 
 #: Rows of an embedding table per call of ONNX Runtime's Gather quantizer (even, so a chunk's
@@ -139,17 +198,6 @@ def gather_q4_arrays(
             offset = start * k_blocks // 2
             zero_points[offset : offset + chunk_zero_points.size] = chunk_zero_points
     return packed, scales, zero_points
-
-
-def transposed(source: ir.TensorProtocol, name: str) -> ir.TensorProtocol:
-    """The transpose of a 2-D tensor, computed when read."""
-    rows, cols = source.shape.numpy()
-    return DerivedTensor(
-        source,
-        lambda array: np.ascontiguousarray(array.T),
-        shape=ir.Shape([cols, rows]),
-        name=name,
-    )
 
 
 def shared_initializers(

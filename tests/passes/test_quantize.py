@@ -117,7 +117,11 @@ def test_each_weight_is_quantized_once_and_only_a_few_are_held(
         quantize_matmul_bnb4=counted("bnb4", _pybind_state.quantize_matmul_bnb4),
     )
     monkeypatch.setattr("passes.quantize._kernels", lambda: kernels)
-    monkeypatch.setattr(quant_utils, "quantize_data", counted("8bits", quant_utils.quantize_data))
+    monkeypatch.setattr(  # once per weight per tensor, ahead of its row blocks' quantize_nparray
+        quant_utils,
+        "compute_data_quant_params",
+        counted("8bits", quant_utils.compute_data_quant_params),
+    )
     monkeypatch.setattr(writer, "AHEAD_BYTES", 64 * 1024)
 
     peaks = {}
@@ -345,3 +349,102 @@ def test_q4f16_needs_fp16_on_the_same_parts() -> None:
         parse_recipe(_recipe("fp16", q4f16))  # before, not after
     parse_recipe(_recipe(q4f16, "{pass: fp16, parts: [b, a]}"))
     parse_recipe(_recipe(q4f16, "fp16"))
+
+
+def _quantize_data_as_onnx_quantizer(
+    weight: np.ndarray, qtype: int, per_channel: bool, reduce_range: bool
+) -> tuple[np.ndarray, ...]:
+    """ONNX Runtime's ``quantize_data`` on the whole weight (per tensor) or on each column (per
+    channel, axis -1), as ``ONNXQuantizer`` calls it."""
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    symmetric = qtype == TensorProto.INT8
+    if not per_channel:
+        zero_point, scale, values = quantize_data(weight.flatten(), qtype, symmetric, reduce_range)
+        return values.reshape(weight.shape), np.asarray(scale), np.asarray(zero_point)
+    columns = [
+        quantize_data(weight[:, i].flatten(), qtype, symmetric, reduce_range)
+        for i in range(weight.shape[1])
+    ]
+    return (
+        np.stack([q for _, _, q in columns], 1).reshape(weight.shape),
+        np.hstack([s for _, s, _ in columns]),
+        np.hstack([z for z, _, _ in columns]),
+    )
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["full", "reduce_range"])
+@pytest.mark.parametrize("qtype", [TensorProto.INT8, TensorProto.UINT8], ids=["int8", "uint8"])
+def test_q8_row_blocks_equal_quantize_data_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch, qtype: int, per_channel: bool, reduce_range: bool
+) -> None:
+    from passes import quantize_kernels
+
+    # 7 rows of 37 float32 per block: a 61-row weight ends in a ragged block of 5 rows.
+    monkeypatch.setattr(quantize_kernels, "BLOCK_BYTES", 7 * 37 * 4)
+    rng = np.random.default_rng(qtype * 4 + per_channel * 2 + reduce_range)
+    weights = {
+        "normal": rng.standard_normal((61, 37), dtype=np.float32),
+        "positive": rng.uniform(0.5, 3.0, (61, 37)).astype(np.float32),
+        "skewed": rng.uniform(-0.1, 7.0, (61, 37)).astype(np.float32),
+        "zero_column": rng.standard_normal((61, 37), dtype=np.float32) * (np.arange(37) != 3),
+        "one_block": rng.standard_normal((4, 37), dtype=np.float32),
+        "empty": np.zeros((0, 37), np.float32),
+    }
+    for name, weight in weights.items():
+        theirs = _quantize_data_as_onnx_quantizer(weight, qtype, per_channel, reduce_range)
+        # As stored, and as the transposed view of a stored [N, K] (a tied lm_head's), which is
+        # read in blocks of its [37, 61] rows (4 rows a block, the last block ragged: 1 row).
+        for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
+            ours = quantize_kernels.q8_arrays(view, qtype, per_channel, reduce_range)
+            for got, want in zip(ours, theirs, strict=True):
+                assert got.shape == want.shape, (name, layout)
+                assert got.tobytes() == want.astype(got.dtype).tobytes(), (name, layout)
+                if got.size:
+                    assert got.dtype == want.dtype, (name, layout)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored", "transposed"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_q8_temporaries_are_bounded_by_the_row_block(per_channel: bool, transposed: bool) -> None:
+    from passes.quantize_kernels import BLOCK_BYTES, q8_arrays
+
+    weight = np.random.default_rng(0).standard_normal((4096, 1024), dtype=np.float32)
+    assert weight.nbytes == 2 * BLOCK_BYTES
+    if transposed:  # a tied lm_head's [N, K] as its MatMul reads it: no whole copy either
+        weight = weight.T
+    tracemalloc.start()
+    try:
+        values, _, _ = q8_arrays(weight, TensorProto.UINT8, per_channel, False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Beside the int8 result, a few float32 copies of one row block (measured: 2.0 to 2.3 blocks);
+    # quantize_data on the whole weight made about three copies of it (measured: 5.7 blocks).
+    assert peak - values.nbytes < 3 * BLOCK_BYTES
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_q4_column_strips_equal_onnx_runtime_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch, symmetric: bool
+) -> None:
+    from onnxruntime.capi import _pybind_state
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    from passes import quantize_kernels
+
+    # K = 45 rows padded to 64 (block 32): 64 * 4 bytes a column, 3 columns a strip, 37 columns
+    # end in a ragged strip of 1.
+    monkeypatch.setattr(quantize_kernels, "BLOCK_BYTES", 3 * 64 * 4)
+    weight = np.random.default_rng(symmetric).standard_normal((45, 37), dtype=np.float32)
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(32, symmetric))
+    theirs = quantizer.qbits_block_quant(weight)
+    for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
+        ours = quantize_kernels.q4_arrays(_pybind_state, view, 32, symmetric)
+        for got, want in zip(ours, theirs, strict=True):
+            assert (got.shape, got.dtype) == (want.shape, want.dtype), layout
+            assert got.tobytes() == want.tobytes(), layout
