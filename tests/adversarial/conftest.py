@@ -27,7 +27,9 @@ class Outcome:
     stderr: str
 
 
-def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 120) -> Outcome:
+def run_cli(
+    *args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 120
+) -> Outcome:
     """Run ``surgery ARGS`` in a child process (so signals, imports and exits are real)."""
     proc = subprocess.run(
         [sys.executable, "-m", "surgery.cli", *map(str, args)],
@@ -62,9 +64,19 @@ def assert_refused(outcome: Outcome, *fragments: str) -> str:
 
 def leftovers(dest: Path) -> list[str]:
     """Temporary or backup entries the tool left beside ``dest``."""
-    return sorted(
-        p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.")
-    )
+    return sorted(p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}."))
+
+
+def refused_at_load(model: Path, tmp_path: Path, message: str) -> None:
+    """``inspect`` and ``apply cleanup`` both refuse ``model`` with ``message``; nothing changes."""
+    before = digests(model.parent)
+    assert assert_refused(run_cli("inspect", model)) == f"surgery: error: {model}: {message}"
+    dest = tmp_path / "out"
+    line = assert_refused(run_cli("apply", "cleanup", model, "-o", dest))
+    assert line == f"surgery: error: {model}: {message}"
+    assert not dest.exists()
+    assert leftovers(dest) == []
+    assert digests(model.parent) == before
 
 
 @pytest.fixture

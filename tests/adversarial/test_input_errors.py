@@ -8,19 +8,12 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from tests.adversarial.conftest import assert_refused, digests, leftovers, run_cli
+from tests.adversarial.conftest import (
+    digests,
+    refused_at_load,
+    run_cli,
+)
 from tests.adversarial.hostile import edit, external
-
-
-def _refused(model: Path, tmp_path: Path, message: str) -> None:
-    before = digests(model.parent)
-    assert assert_refused(run_cli("inspect", model)) == f"surgery: error: {model}: {message}"
-    dest = tmp_path / "out"
-    line = assert_refused(run_cli("apply", "cleanup", model, "-o", dest))
-    assert line == f"surgery: error: {model}: {message}"
-    assert not dest.exists()
-    assert leftovers(dest) == []
-    assert digests(model.parent) == before
 
 
 def test_graph_with_a_cycle_is_refused_at_load(model_path: Path, tmp_path: Path) -> None:
@@ -31,7 +24,7 @@ def test_graph_with_a_cycle_is_refused_at_load(model_path: Path, tmp_path: Path)
         add.input[1] = "layer1.relu_out"  # layer1.add needs layer1.relu, which needs it
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "graph 'synthetic' has a cycle (layer1.add → layer1.relu → layer1.add); an ONNX "
@@ -45,7 +38,7 @@ def test_node_that_reads_its_own_output(model_path: Path, tmp_path: Path) -> Non
         neg.input[0] = neg.output[0]
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "graph 'synthetic' has a cycle (dead_branch → dead_branch); an ONNX graph must be acyclic",
@@ -54,7 +47,7 @@ def test_node_that_reads_its_own_output(model_path: Path, tmp_path: Path) -> Non
 
 def test_data_file_with_a_second_hard_link(model_path: Path, tmp_path: Path) -> None:
     os.link(model_path.parent / "m.onnx.data", tmp_path / "another-name")
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "external data file 'm.onnx.data' has 2 hard links; onnx-ir refuses hard-linked data "
@@ -98,7 +91,7 @@ def test_name_that_is_not_utf8(model_path: Path, tmp_path: Path) -> None:
     data = model_path.read_bytes()
     assert data.count(b"layer0.matmul_out") == 3  # MatMul output, Add input, value_info
     model_path.write_bytes(data.replace(b"layer0.matmul_out", b"layer0.matm\xf5l_out"))
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "model.graph.value_info[8].name is not valid UTF-8 ('layer0.matm\ufffdl_out'); the "
@@ -113,7 +106,7 @@ def test_node_that_reads_a_missing_value(model_path: Path, tmp_path: Path) -> No
         next(n for n in model.graph.node if n.name == "layer1.matmul").input[0] = "no_such_value"
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "graph 'synthetic': node 'layer1.matmul' reads 'no_such_value', which is defined by no "
@@ -123,7 +116,7 @@ def test_node_that_reads_a_missing_value(model_path: Path, tmp_path: Path) -> No
 
 def test_graph_output_that_nothing_defines(model_path: Path, tmp_path: Path) -> None:
     edit(model_path, lambda m: m.graph.output[0].__setattr__("name", "no_such_output"))
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "graph 'synthetic': output 'no_such_output' is defined by no node, input or "

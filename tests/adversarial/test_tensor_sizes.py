@@ -15,22 +15,13 @@ import pytest
 
 from surgery.errors import SurgeryError
 from surgery.writer import save_model
-from tests.adversarial.conftest import assert_refused, digests, leftovers, run_cli
+from tests.adversarial.conftest import (
+    refused_at_load,
+)
 from tests.adversarial.hostile import edit, initializer
 
 #: 2**91 float32 values: 2**93 bytes.
 ABSURD = [2**31, 2**30, 2**30]
-
-
-def _refused(model: Path, tmp_path: Path, message: str) -> None:
-    before = digests(model.parent)
-    assert assert_refused(run_cli("inspect", model)) == f"surgery: error: {model}: {message}"
-    dest = tmp_path / "out"
-    line = assert_refused(run_cli("apply", "cleanup", model, "-o", dest))
-    assert line == f"surgery: error: {model}: {message}"
-    assert not dest.exists()
-    assert leftovers(dest) == []
-    assert digests(model.parent) == before
 
 
 def _set_external(tensor: onnx.TensorProto, key: str, value: str) -> None:
@@ -43,7 +34,7 @@ def _set_external(tensor: onnx.TensorProto, key: str, value: str) -> None:
 
 def test_declared_length_shorter_than_the_shape(model_path: Path, tmp_path: Path) -> None:
     edit(model_path, lambda m: _set_external(initializer(m, "layer0.weight"), "length", "100"))
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "initializer 'layer0.weight' declares 100 bytes in 'm.onnx.data' but its shape and "
@@ -57,7 +48,7 @@ def test_inline_raw_data_shorter_than_the_shape(model_path: Path, tmp_path: Path
         tensor.raw_data = tensor.raw_data[:100]
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "initializer 'one_a' (FLOAT [32]) needs 128 bytes but holds 100; the model is corrupt",
@@ -71,7 +62,7 @@ def test_inline_typed_values_fewer_than_the_shape(model_path: Path, tmp_path: Pa
         tensor.float_data.extend([1.0] * 31)
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "initializer 'one_a' (FLOAT [32]) needs 32 values in float_data but holds 31; the "
@@ -88,7 +79,7 @@ def test_absurd_dims_of_an_external_tensor(model_path: Path, tmp_path: Path) -> 
         _set_external(tensor, "location", "m.onnx.data")
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         f"initializer 'layer0.weight' needs bytes up to {2**93} of 'm.onnx.data', but the file "
@@ -103,7 +94,7 @@ def test_absurd_dims_of_an_inline_tensor(model_path: Path, tmp_path: Path) -> No
         tensor.dims.extend(ABSURD)
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         f"initializer 'one_a' (FLOAT {ABSURD}) needs {2**93} bytes but holds 128; the model is "
@@ -116,7 +107,7 @@ def test_negative_dim(model_path: Path, tmp_path: Path) -> None:
         initializer(model, "one_a").dims[0] = -32
 
     edit(model_path, change)
-    _refused(
+    refused_at_load(
         model_path,
         tmp_path,
         "initializer 'one_a' has a negative or unknown dimension [-32]; the model is corrupt",
