@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,3 +25,17 @@ def run_onnx(path: Path, batch: int = 3, width: int = 32) -> np.ndarray:
     x = np.random.default_rng(7).standard_normal((batch, width), dtype=np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+ROOT = Path(__file__).parents[2]
+
+
+def absolute_imports() -> Iterator[tuple[Path, str]]:
+    """``(file, module)`` for every absolute import in ``surgery/`` and ``passes/`` (ast, not run)."""
+    for path in sorted([*ROOT.glob("surgery/**/*.py"), *ROOT.glob("passes/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield path, alias.name
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                yield path, node.module

@@ -8,19 +8,17 @@ dependencies or the ``export`` extra, or from what they require in turn. The one
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib.metadata
 import re
 import sys
-from pathlib import Path
 
 import pytest
+from _util import ROOT, absolute_imports
 from packaging.requirements import Requirement
 
 tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
 
-ROOT = Path(__file__).parents[2]
 FIRST_PARTY = {"surgery", "passes", "recipes"}
 #: Modules imported only by commands outside the quick start, and the extra that provides each.
 OTHER_EXTRAS = {"netron": "view"}
@@ -49,18 +47,10 @@ def _closure(requirements: list[str]) -> set[str]:
 def _imported_modules() -> dict[str, str]:
     """Third-party top-level modules imported by the package, each with one file importing it."""
     found: dict[str, str] = {}
-    for path in sorted([*ROOT.glob("surgery/**/*.py"), *ROOT.glob("passes/**/*.py")]):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in FIRST_PARTY:
-                    found.setdefault(top, str(path.relative_to(ROOT)))
+    for path, name in absolute_imports():
+        top = name.split(".")[0]
+        if top not in sys.stdlib_module_names and top not in FIRST_PARTY:
+            found.setdefault(top, str(path.relative_to(ROOT)))
     return found
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import ast
 import io
 import time
 from pathlib import Path
 
 import pytest
+from _util import ROOT, absolute_imports
 
 from surgery import load, save
 from surgery.progress import bar, spinner
 from surgery.synthetic import write_synthetic_model
-
-ROOT = Path(__file__).parents[2]
 
 
 class _Terminal(io.StringIO):
@@ -85,15 +83,9 @@ def test_spinner_is_silent_when_progress_is_off(monkeypatch: pytest.MonkeyPatch)
 
 def test_every_progress_bar_goes_through_surgery_progress() -> None:
     """tqdm is imported in one module only, so the terminal rule cannot be forgotten elsewhere."""
-    importers = []
-    for path in sorted([*ROOT.glob("surgery/**/*.py"), *ROOT.glob("passes/**/*.py")]):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            if any(name.split(".")[0] == "tqdm" for name in names):
-                importers.append(str(path.relative_to(ROOT)))
+    importers = [
+        str(path.relative_to(ROOT))
+        for path, name in absolute_imports()
+        if name.split(".")[0] == "tqdm"
+    ]
     assert importers == ["surgery/progress.py"]
