@@ -136,6 +136,14 @@ class Converter:
                     node.outputs[0].dtype = _FLOAT16
                     self.changed = True
                 continue
+            if node.op_type == "ConstantOfShape" and "value" not in node.attributes:
+                # Its default value is a float32 zero: an explicit fp16 zero makes the same zeros.
+                if node.outputs[0].dtype == _FLOAT and signature.output(0):
+                    zero = ir.tensor([0.0], dtype=_FLOAT16)
+                    node.attributes["value"] = ir.AttrTensor("value", zero)
+                    node.outputs[0].dtype = _FLOAT16
+                    self.changed = True
+                continue
             if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
                 tensor = node.attributes["value"].as_tensor()
                 if tensor.dtype == _FLOAT:

@@ -482,3 +482,29 @@ def test_stress_attention_logits_overflow(
         # 5e-4, i.e. ~50 in a score) can move weight between keys: 0.996 was measured here, where
         # a wrong cast or a dropped island gives NaN or a cosine far below (0.83 on RMSNorm).
         assert _cosine(expected, actual) >= 0.99
+
+
+def test_constant_of_shape_without_value_gets_an_fp16_zero(tmp_path: Path) -> None:
+    """``ConstantOfShape`` with no ``value`` makes float32 zeros: retyped, it needs an fp16 zero."""
+    nodes = [
+        oh.make_node("Shape", ["x"], ["shape"]),
+        oh.make_node("ConstantOfShape", ["shape"], ["zeros"], name="zeros"),
+        oh.make_node("Add", ["x", "zeros"], ["sum"]),
+        oh.make_node("Mul", ["sum", "w"], ["y"]),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "zeros_toy",
+        [oh.make_tensor_value_info("x", F, [2, WIDTH])],
+        [oh.make_tensor_value_info("y", F, [2, WIDTH])],
+        [_init("w", np.full(WIDTH, 2.0))],
+    )
+    path = tmp_path / "zeros" / "zeros.onnx"
+    path.parent.mkdir()
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 20)], ir_version=10), path)
+    out, _ = _convert(path, tmp_path / "out")
+    (node,) = [n for n in onnx.load(out).graph.node if n.name == "zeros"]
+    assert onnx.numpy_helper.to_array(node.attribute[0].t).dtype == np.float16
+    x = np.random.default_rng(0).standard_normal((2, WIDTH)).astype(np.float32)
+    (y,) = _run(out, {"x": x})  # ONNX Runtime refused the float32 zeros typed fp16 before
+    np.testing.assert_allclose(y, 2 * x, rtol=1e-3)  # fp16 rounding of x: 2⁻¹¹ relative
