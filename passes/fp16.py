@@ -62,7 +62,7 @@ from onnx import TensorProto
 from onnx import helper as oh
 from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
-from passes.fp16_convert import Converter, InitializerReads
+from passes.fp16_convert import Converter, InitializerReads, cast_node
 from passes.fp16_islands import ISLAND_KINDS, Fp32Islands, IslandKind
 from surgery.constants import FP16_BLOCK_ELEMENTS as _BLOCK_ELEMENTS
 from surgery.constants import INLINE_LIMIT_BYTES
@@ -178,7 +178,11 @@ def _shape(tensor: ir.TensorProtocol) -> ir.Shape:
 def _lazy_converted(source: ir.TensorProtocol, dtype: ir.DataType, name: str) -> ir.LazyTensor:
     """A tensor whose converted bytes are computed from ``source`` each time they are read."""
     return DerivedTensor(
-        source, lambda array: _convert_array(array, dtype), dtype=dtype, shape=_shape(source), name=name
+        source,
+        lambda array: _convert_array(array, dtype),
+        dtype=dtype,
+        shape=_shape(source),
+        name=name,
     )
 
 
@@ -246,16 +250,7 @@ def _bf16_storage(graph: ir.Graph) -> bool:
             const_value=_lazy_converted(source, _BFLOAT16, f"{value.name}_bf16"),
         )
         graph.register_initializer(stored)
-        cast = ir.Node(
-            "",
-            "Cast",
-            [stored],
-            attributes=[ir.AttrInt64("to", _FLOAT)],
-            name=f"{value.name}_cast_fp32",
-            num_outputs=1,
-        )
-        cast.outputs[0].dtype = _FLOAT
-        cast.outputs[0].shape = _shape(source)
+        cast = cast_node(stored, _FLOAT, f"{value.name}_cast_fp32", _shape(source))
         graph.initializers.pop(value.name)
         value.replace_all_uses_with(cast.outputs[0], replace_graph_outputs=True)
         cast.outputs[0].name, value.name = value.name, f"{value.name}_fp32_unused"

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from passes.fp16_slots import Signature, op_signature
 
-__all__ = ["Converter", "InitializerReads"]
+__all__ = ["Converter", "InitializerReads", "cast_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,14 @@ InitializerReads = dict[ir.Value, list[tuple[ir.Node, int, ir.DataType]]]
 
 def _name_matches(name: str | None, patterns: list[str]) -> bool:
     return bool(name) and any(fnmatch.fnmatchcase(name or "", p) for p in patterns)
+
+
+def cast_node(value: ir.Value, to: ir.DataType, name: str, shape: ir.Shape | None) -> ir.Node:
+    """A new ``Cast(value, to)`` node named ``name``, its output typed ``to`` with ``shape``."""
+    node = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", to)], name=name)
+    node.outputs[0].dtype = to
+    node.outputs[0].shape = ir.Shape(shape) if shape is not None else None
+    return node
 
 
 class Converter:
@@ -163,18 +171,9 @@ class Converter:
             return self.casts[key]
         suffix = "fp16" if to == _FLOAT16 else "fp32"
         base = value.name or "value"
-        node = ir.Node(
-            "",
-            "Cast",
-            [value],
-            attributes=[ir.AttrInt64("to", to)],
-            name=f"{base}_cast_{suffix}",
-            num_outputs=1,
-        )
+        node = cast_node(value, to, f"{base}_cast_{suffix}", value.shape)
         output = node.outputs[0]
         output.name = name or f"{base}_{suffix}"
-        output.dtype = to
-        output.shape = ir.Shape(value.shape) if value.shape is not None else None
         producer = value.producer()
         if producer is not None and producer.graph is self.graph:
             self.graph.insert_after(producer, node)
