@@ -1,4 +1,4 @@
-"""Pass ``quantize``: MatMul weights to 4 or 8 bits as Transformers.js's dtypes want, streamed.
+"""Pass ``quantize``: weights to 4 or 8 bits as Transformers.js's dtypes want, streamed.
 
 Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.js's
 ``scripts/quantize.py``), initializer for initializer:
@@ -14,12 +14,31 @@ Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.
   device wasm too) has no CPU kernel for it ("Could not find an implementation for
   GatherBlockQuantized"); only its WebGPU execution provider has one;
 * ``bnb4``: ``com.microsoft.MatMulBnb4``, NF4 or FP4, blocks of 64: ``MatMulBnb4Quantizer``;
-* ``q8`` / ``int8`` / ``uint8``: dynamic 8-bit, ``DynamicQuantizeLinear`` on the activation,
-  ``MatMulInteger``, ``Cast`` and ``Mul`` by the product of the scales: ``ONNXQuantizer`` in
-  ``IntegerOps`` mode with ``MatMulConstBOnly`` (``operators/matmul.py`` ``MatMulInteger``),
-  per tensor or per channel (axis -1), optionally with a reduced range. ``q8`` picks the weight
-  type as Transformers.js does: uint8 when the part has ``Conv``, ``GroupQueryAttention`` or
-  ``MultiHeadAttention`` (onnxruntime-web has no int8 ``ConvInteger``), else int8.
+* ``q8`` / ``int8`` / ``uint8``: dynamic 8-bit, what ``ONNXQuantizer`` in ``IntegerOps`` mode
+  with ``MatMulConstBOnly`` writes when given every op type of ``IntegerOpsRegistry``, as
+  Transformers.js's script calls it. Of that registry our graphs hold three ops (measured on the
+  tiny parts, registry against MatMul only: nothing else changes; the decoder's ``Transpose`` stays
+  float there too, as ONNX Runtime keeps a ``Transpose`` in 8 bits only after a quantized op):
+
+  - ``MatMul``: ``DynamicQuantizeLinear`` on the activation, ``MatMulInteger``, ``Cast`` and
+    ``Mul`` by the product of the scales (``operators/matmul.py``), per tensor or per channel
+    (axis -1), optionally with a reduced range;
+  - ``Conv`` (the vision patch embedding): ``ConvInteger`` likewise, the weight per tensor
+    (``per_channel`` does not apply, as in ONNX Runtime), the bias added after a ``Reshape``
+    (``operators/conv.py``);
+  - ``Gather`` of a constant table (the embedding; with ``split-large-tensors`` each row block,
+    each with its own scale, as ONNX Runtime quantizes the split graph): the table in uint8,
+    asymmetric, per tensor (ONNX Runtime quantizes it as an activation, in every mode), the
+    ``Gather`` reads it and a ``DequantizeLinear`` follows; a quantized reader (a MatMul) takes
+    the uint8 rows as its activation instead (``operators/gather.py``).
+
+  ``q8`` picks the weight type as Transformers.js does: uint8 when the part has ``Conv``,
+  ``GroupQueryAttention`` or ``MultiHeadAttention``, else int8. That rule came from onnxruntime-web
+  1.20, which had no int8 ``ConvInteger``; Transformers.js 4.3.1's runtimes (onnxruntime-node
+  1.30, onnxruntime-web 1.31 plain and ``/webgpu``) run ``ConvInteger`` with both weight types
+  and the uint8 ``Gather`` + ``DequantizeLinear``, compute what ONNX Runtime does, and
+  :data:`RUNTIME_WEIGHT_TYPES` records it (``tests/test_integer_runtimes.py`` fails when a
+  runtime changes). An op whose weight type a runtime lacks stays float in that mode, logged.
 
 Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels and, for 8
 bits, from its quantizer's own ``quantize_data`` steps (over row blocks, so its whole-weight
@@ -38,13 +57,21 @@ Where this departs, and why:
   exported, before ``fold-transposes``): the kernels get the stored weight's transposed view (no
   copy where they can read it as stored) and quantize it as the folded initializer would be, under
   the folded initializer's name;
-* only 2-D weights of MatMul (the exported graph has no other), and for 8 bits only MatMul:
-  ONNX Runtime's ``IntegerOps`` also rewrites ``Conv`` (``ConvInteger``) and ``Gather``, which
-  this pass leaves float;
+* only 2-D weights of MatMul (the exported graph has no other), and a Conv's weight only when it
+  is a constant (ONNX Runtime would quantize a computed one at run time; ours are constants);
+  ``Attention``, ``LSTM`` and ``EmbedLayerNormalization`` of the registry are not matched (the
+  exported graph has none), nor a ``Transpose`` straight after a quantized ``Gather``, which ONNX
+  Runtime would run on the uint8 rows (ours read the ``DequantizeLinear``'s floats: the same
+  numbers; our graphs have no such ``Transpose``);
+* a table that a MatMul reads directly and already quantized per channel stays float for its
+  Gathers (ONNX Runtime would reuse the per-channel quantization under a per-tensor
+  ``DequantizeLinear``, which it refuses); otherwise one quantization serves every reader, the
+  first in graph order deciding, as ONNX Runtime's ``quantized_value_map``;
 * a weight read by several MatMuls is quantized once and shared (``MatMulNBitsQuantizer`` would
   store one copy per reader); a weight with other readers keeps its float copy for them;
-* ``op_block_list`` / ``node_block_list`` / ``min_elements`` leave MatMuls float, as the
-  ``fp16`` pass's block lists do.
+* ``op_block_list`` (op types, as Transformers.js's script's: ``MatMul``, ``Conv``, ``Gather``) /
+  ``node_block_list`` / ``min_elements`` leave those ops float, as the ``fp16`` pass's block
+  lists do.
 """
 
 from __future__ import annotations
@@ -140,13 +167,16 @@ class QuantizeOptions(PassOptions):
         default=False, description="8-bit modes: weights in 7 bits (for CPUs without VNNI)"
     )
     op_block_list: list[str] = pydantic.Field(
-        default_factory=list, description="op types left float (e.g. MatMul)"
+        default_factory=list,
+        description="op types left float (MatMul; 8-bit modes: Conv, Gather; q4 gather: Gather)",
     )
     node_block_list: list[str] = pydantic.Field(
         default_factory=list, description="fnmatch patterns of node names left float"
     )
     min_elements: int = pydantic.Field(
-        default=0, ge=0, description="MatMuls whose weight has fewer elements stay float"
+        default=0,
+        ge=0,
+        description="ops whose weight (Gather: table) has fewer elements stay float",
     )
 
     @pydantic.field_validator("block_size")
@@ -463,24 +493,24 @@ class _EightBit:
 
 @register
 class Quantize(ModelPass[QuantizeOptions]):
-    """Quantize MatMul weights to 4 or 8 bits, byte for byte as ONNX Runtime's quantizers do.
+    """Quantize weights to 4 or 8 bits, byte for byte as ONNX Runtime's quantizers do.
 
     q4: MatMulNBits (4 bits, block_size along K, symmetric by default, accuracy_level);
     q4f16: q4, to be followed by an fp16 step on the same parts (checked before any work);
     bnb4: MatMulBnb4 (nf4 or fp4, blocks of 64); q8 / int8 / uint8: DynamicQuantizeLinear +
-    MatMulInteger, per tensor or per_channel, reduce_range; q8 stores uint8 weights when the
-    part has Conv / GroupQueryAttention / MultiHeadAttention, else int8 (Transformers.js's rule).
-    Only MatMuls whose B is a constant 2-D float weight, directly or through a Transpose (the tied
-    lm_head), are rewritten; with q4's gather option (off by default: Transformers.js's browser
+    MatMulInteger, per tensor or per_channel, reduce_range, and as ONNXQuantizer's whole
+    IntegerOps registry (Transformers.js's route) also Conv (ConvInteger) and Gather tables
+    (uint8 + DequantizeLinear); q8 stores uint8 weights when the part has Conv /
+    GroupQueryAttention / MultiHeadAttention, else int8 (Transformers.js's rule).
+    MatMuls are rewritten whose B is a constant 2-D float weight, directly or through a Transpose
+    (the tied lm_head); with q4's gather option (off by default: Transformers.js's browser
     wasm has no kernel for it), Gathers of a constant 2-D float table become
     GatherBlockQuantized. Weights are quantized with ONNX Runtime's kernels when written, each
     once; a part with nothing to quantize is reported with counts.
     """
 
     name = "quantize"
-    summary = (
-        "MatMul weights to q4 / q4f16 / bnb4 / q8 / int8 / uint8 (ONNX Runtime's kernels, streamed)"
-    )
+    summary = "weights to q4 / q4f16 / bnb4 / q8 / int8 / uint8 (ONNX Runtime's kernels, streamed)"
     Options = QuantizeOptions
 
     def check_following(self, later: Sequence[ModelPass[typing.Any] | typing.Any]) -> str | None:
