@@ -16,8 +16,7 @@ For each model scale, in one run, each row a child process timed by ``_harness.t
   QInt8 weights unless the part has a QUINT8 op; q4: ``MatMulNBitsQuantizer`` bits 4, block 32,
   symmetric; q4f16: that, then onnxconverter-common's ``convert_float_to_float16``
   (``keep_io_types``); bnb4: ``MatMulBnb4Quantizer`` NF4, block 64. Where this departs from the
-  script: 8-bit quantizes MatMul only (the op the pass rewrites; the script also takes Gather and
-  Conv); no ``onnxslim`` after fp16 (not installed here); and the script's ``model.ByteSize()``
+  script: no ``onnxslim`` after fp16 (not installed here); and the script's ``model.ByteSize()``
   test (inline or external data) counts an ``EncodeError`` as "over 2 GB": with upb protobuf
   (7.36 here) ``ByteSize()`` raises past 2 GB, so the script as written fails on any part still
   over 2 GB after quantization (``embed_tokens``, 2.37 GB, at the full scale).
@@ -63,7 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: scale -> preset (``half``: a config made from the bench preset; ``tiny``: a quick smoke run).
 SCALES = {"full": "paligemma2-1b-bench", "half": "", "tiny": "tiny-paligemma2"}
 PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
-MATMUL_PARTS = ["vision_encoder", "decoder_model_merged"]  # embed_tokens has no MatMul
+#: The parts the 4-bit modes quantize (embed_tokens has no MatMul; 8 bits take its Gather too).
+MATMUL_PARTS = ["vision_encoder", "decoder_model_merged"]
 
 _ANCHOR = """
 import os, sys
@@ -74,6 +74,7 @@ from onnxruntime.quantization import QuantizationMode, QuantType
 from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+from onnxruntime.quantization.registry import IntegerOpsRegistry
 from onnxconverter_common.float16 import convert_float_to_float16
 
 QUINT8_OPS = ("Conv", "GroupQueryAttention", "MultiHeadAttention")
@@ -135,7 +136,7 @@ for path in sorted(src.glob("*.onnx")):
             model, False, False, mode=QuantizationMode.IntegerOps, static=False,
             weight_qType=QuantType.QUInt8 if unsigned else QuantType.QInt8,
             activation_qType=QuantType.QUInt8, tensors_range=None, nodes_to_quantize=[],
-            nodes_to_exclude=[], op_types_to_quantize={"MatMul"},
+            nodes_to_exclude=[], op_types_to_quantize=set(IntegerOpsRegistry),
             extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
         )
         quantizer.quantize_model()
@@ -200,7 +201,11 @@ def _recipe(path: Path) -> Path:
     for suffix, options in VARIANTS.items():
         extra.append({"pass": "copy-parts", "parts": list(PARTS), "options": {"suffix": suffix}})
         extra.append(
-            {"pass": "quantize", "parts": [p + suffix for p in MATMUL_PARTS], "options": options}
+            {
+                "pass": "quantize",
+                "parts": [p + suffix for p in (PARTS if options["mode"] == "q8" else MATMUL_PARTS)],
+                "options": options,
+            }
         )
         if options["mode"] == "q4f16":
             extra.append({"pass": "fp16", "parts": [p + suffix for p in PARTS]})

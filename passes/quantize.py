@@ -1,4 +1,4 @@
-"""Pass ``quantize``: MatMul weights to 4 or 8 bits as Transformers.js's dtypes want, streamed.
+"""Pass ``quantize``: weights to 4 or 8 bits as Transformers.js's dtypes want, streamed.
 
 Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.js's
 ``scripts/quantize.py``), initializer for initializer:
@@ -14,12 +14,31 @@ Modes, each what ONNX Runtime's own quantizer writes (the route of Transformers.
   device wasm too) has no CPU kernel for it ("Could not find an implementation for
   GatherBlockQuantized"); only its WebGPU execution provider has one;
 * ``bnb4``: ``com.microsoft.MatMulBnb4``, NF4 or FP4, blocks of 64: ``MatMulBnb4Quantizer``;
-* ``q8`` / ``int8`` / ``uint8``: dynamic 8-bit, ``DynamicQuantizeLinear`` on the activation,
-  ``MatMulInteger``, ``Cast`` and ``Mul`` by the product of the scales: ``ONNXQuantizer`` in
-  ``IntegerOps`` mode with ``MatMulConstBOnly`` (``operators/matmul.py`` ``MatMulInteger``),
-  per tensor or per channel (axis -1), optionally with a reduced range. ``q8`` picks the weight
-  type as Transformers.js does: uint8 when the part has ``Conv``, ``GroupQueryAttention`` or
-  ``MultiHeadAttention`` (onnxruntime-web has no int8 ``ConvInteger``), else int8.
+* ``q8`` / ``int8`` / ``uint8``: dynamic 8-bit, what ``ONNXQuantizer`` in ``IntegerOps`` mode
+  with ``MatMulConstBOnly`` writes when given every op type of ``IntegerOpsRegistry``, as
+  Transformers.js's script calls it. Of that registry our graphs hold three ops (measured on the
+  tiny parts, registry against MatMul only: nothing else changes; the decoder's ``Transpose`` stays
+  float there too, as ONNX Runtime keeps a ``Transpose`` in 8 bits only after a quantized op):
+
+  - ``MatMul``: ``DynamicQuantizeLinear`` on the activation, ``MatMulInteger``, ``Cast`` and
+    ``Mul`` by the product of the scales (``operators/matmul.py``), per tensor or per channel
+    (axis -1), optionally with a reduced range;
+  - ``Conv`` (the vision patch embedding): ``ConvInteger`` likewise, the weight per tensor
+    (``per_channel`` does not apply, as in ONNX Runtime), the bias added after a ``Reshape``
+    (``operators/conv.py``);
+  - ``Gather`` of a constant table (the embedding; with ``split-large-tensors`` each row block,
+    each with its own scale, as ONNX Runtime quantizes the split graph): the table in uint8,
+    asymmetric, per tensor (ONNX Runtime quantizes it as an activation, in every mode), the
+    ``Gather`` reads it and a ``DequantizeLinear`` follows; a quantized reader (a MatMul) takes
+    the uint8 rows as its activation instead (``operators/gather.py``).
+
+  ``q8`` picks the weight type as Transformers.js does: uint8 when the part has ``Conv``,
+  ``GroupQueryAttention`` or ``MultiHeadAttention``, else int8. That rule came from onnxruntime-web
+  1.20, which had no int8 ``ConvInteger``; Transformers.js 4.3.1's runtimes (onnxruntime-node
+  1.30, onnxruntime-web 1.31 plain and ``/webgpu``) run ``ConvInteger`` with both weight types
+  and the uint8 ``Gather`` + ``DequantizeLinear``, compute what ONNX Runtime does, and
+  :data:`RUNTIME_WEIGHT_TYPES` records it (``tests/test_integer_runtimes.py`` fails when a
+  runtime changes). An op whose weight type a runtime lacks stays float in that mode, logged.
 
 Reused, not re-implemented: the numbers come from ONNX Runtime's C++ packing kernels and, for 8
 bits, from its quantizer's own ``quantize_data`` steps (over row blocks, so its whole-weight
@@ -38,13 +57,21 @@ Where this departs, and why:
   exported, before ``fold-transposes``): the kernels get the stored weight's transposed view (no
   copy where they can read it as stored) and quantize it as the folded initializer would be, under
   the folded initializer's name;
-* only 2-D weights of MatMul (the exported graph has no other), and for 8 bits only MatMul:
-  ONNX Runtime's ``IntegerOps`` also rewrites ``Conv`` (``ConvInteger``) and ``Gather``, which
-  this pass leaves float;
+* only 2-D weights of MatMul (the exported graph has no other), and a Conv's weight only when it
+  is a constant (ONNX Runtime would quantize a computed one at run time; ours are constants);
+  ``Attention``, ``LSTM`` and ``EmbedLayerNormalization`` of the registry are not matched (the
+  exported graph has none), nor a ``Transpose`` straight after a quantized ``Gather``, which ONNX
+  Runtime would run on the uint8 rows (ours read the ``DequantizeLinear``'s floats: the same
+  numbers; our graphs have no such ``Transpose``);
+* a table that a MatMul reads directly and already quantized per channel stays float for its
+  Gathers (ONNX Runtime would reuse the per-channel quantization under a per-tensor
+  ``DequantizeLinear``, which it refuses); otherwise one quantization serves every reader, the
+  first in graph order deciding, as ONNX Runtime's ``quantized_value_map``;
 * a weight read by several MatMuls is quantized once and shared (``MatMulNBitsQuantizer`` would
   store one copy per reader); a weight with other readers keeps its float copy for them;
-* ``op_block_list`` / ``node_block_list`` / ``min_elements`` leave MatMuls float, as the
-  ``fp16`` pass's block lists do.
+* ``op_block_list`` (op types, as Transformers.js's script's: ``MatMul``, ``Conv``, ``Gather``) /
+  ``node_block_list`` / ``min_elements`` leave those ops float, as the ``fp16`` pass's block
+  lists do.
 """
 
 from __future__ import annotations
@@ -72,12 +99,22 @@ from passes.quantize_kernels import ort_kernels as _kernels
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 
-__all__ = ["QUINT8_OPS", "Quantize", "QuantizeOptions"]
+__all__ = ["QUINT8_OPS", "RUNTIME_WEIGHT_TYPES", "Quantize", "QuantizeOptions"]
 
 logger = logging.getLogger(__name__)
 
 #: Ops whose presence makes ``q8`` store uint8 weights (Transformers.js's ``QUINT8_OPS``).
 QUINT8_OPS = ("Conv", "GroupQueryAttention", "MultiHeadAttention")
+#: The 8-bit weight types of the ops besides MatMul (``ConvInteger``; ``Gather`` of a uint8 table,
+#: then ``DequantizeLinear``) that every runtime of Transformers.js 4.3.1 runs: onnxruntime-node,
+#: onnxruntime-web, and the ``onnxruntime-web/webgpu`` build its browser bundle loads (device wasm
+#: too). ``tests/test_integer_runtimes.py`` runs each and fails when this differs. An op whose
+#: weight type is missing here stays float in that mode (logged).
+RUNTIME_WEIGHT_TYPES: dict[str, frozenset[int]] = {
+    "Conv": frozenset({TensorProto.INT8, TensorProto.UINT8}),
+    "Gather": frozenset({TensorProto.UINT8}),
+}
+_EIGHT_BIT = ("q8", "int8", "uint8")
 #: Default block size per 4-bit mode (Transformers.js's script: 32 for q4, 64 for bnb4).
 _DEFAULT_BLOCK = {"q4": 32, "q4f16": 32, "bnb4": 64}
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -130,13 +167,16 @@ class QuantizeOptions(PassOptions):
         default=False, description="8-bit modes: weights in 7 bits (for CPUs without VNNI)"
     )
     op_block_list: list[str] = pydantic.Field(
-        default_factory=list, description="op types left float (e.g. MatMul)"
+        default_factory=list,
+        description="op types left float (MatMul; 8-bit modes: Conv, Gather; q4 gather: Gather)",
     )
     node_block_list: list[str] = pydantic.Field(
         default_factory=list, description="fnmatch patterns of node names left float"
     )
     min_elements: int = pydantic.Field(
-        default=0, ge=0, description="MatMuls whose weight has fewer elements stay float"
+        default=0,
+        ge=0,
+        description="ops whose weight (Gather: table) has fewer elements stay float",
     )
 
     @pydantic.field_validator("block_size")
@@ -228,26 +268,249 @@ def _matches(name: str | None, patterns: list[str]) -> bool:
     return bool(name) and any(fnmatch.fnmatchcase(name or "", p) for p in patterns)
 
 
+class _EightBit:
+    """The 8-bit modes' rewrites besides MatMul's: what ``ONNXQuantizer`` (IntegerOps) does with the
+    other ops of its registry that our graphs hold (``Conv``: ``ConvInteger``; ``Gather``: the
+    table in uint8, ``DequantizeLinear`` after), with one ``DynamicQuantizeLinear`` per activation
+    and one quantization per initializer, shared by its readers (its ``quantized_value_map``).
+
+    Args:
+        options: The pass's options.
+        graph: The part's graph.
+        qtype: The weight type of MatMul and Conv (``TensorProto.INT8`` or ``UINT8``).
+        quantized: Initializer (or transposed weight) → its quantized initializers, shared with
+            the MatMul path.
+    """
+
+    def __init__(
+        self,
+        options: QuantizeOptions,
+        graph: ir.Graph,
+        qtype: int,
+        quantized: dict[ir.Value, list[ir.Value]],
+    ) -> None:
+        self.options = options
+        self.graph = graph
+        self.qtype = qtype
+        self.quantized = quantized
+        self._activations: dict[ir.Value, list[ir.Value]] = {}
+        self._dequantize: list[ir.Node] = []
+        self._left_float: set[tuple[str, int]] = set()
+
+    def initializers(
+        self,
+        source: ir.TensorProtocol,
+        name: str,
+        shape: list[int],
+        qtype: int,
+        per_channel: bool,
+        reduce_range: bool,
+        view: Callable[[np.ndarray], np.ndarray] = lambda array: array,
+    ) -> list[ir.Value]:
+        """``<name>_quantized``, ``_scale`` and ``_zero_point`` of ``view(source)`` (of ``shape``),
+        as ``ONNXQuantizer.quantize_initializer`` (per tensor) or ``quantize_weight_per_channel``
+        (axis -1) writes them, computed lazily in row blocks."""
+        itype = ir.DataType(qtype)
+        params = [shape[-1]] if per_channel else []
+        specs = [
+            (f"{name}_quantized", itype, shape),
+            (f"{name}_scale", source.dtype, params),
+            (f"{name}_zero_point", itype, params),
+        ]
+        fn = lambda stored: q8_arrays(view(stored), qtype, per_channel, reduce_range)  # noqa: E731
+        return shared_initializers(self.graph, source, fn, specs)
+
+    def activation(self, anchor: ir.Node, value: ir.Value) -> list[ir.Value]:
+        """``value`` quantized, its scale and zero point: a quantized Gather's output as it is
+        (no requantization, as ONNX Runtime), else one ``DynamicQuantizeLinear`` per value."""
+        if value not in self._activations:
+            self._activations[value] = _node(
+                self.graph,
+                anchor,
+                "DynamicQuantizeLinear",
+                [value],
+                f"{value.name}_QuantizeLinear",
+                [f"{value.name}_quantized", f"{value.name}_scale", f"{value.name}_zero_point"],
+            )
+        return self._activations[value]
+
+    def rewrite(self, node: ir.Node) -> int:
+        """Quantize a ``Conv`` or ``Gather`` whose weight (table) is a float initializer; 1 if it
+        was rewritten, 0 if it stays float."""
+        options, op = self.options, node.op_type
+        index = 1 if op == "Conv" else 0
+        value = node.inputs[index] if len(node.inputs) > index else None
+        tensor = value.const_value if value is not None else None
+        if (
+            value is None
+            or tensor is None
+            or node.inputs[1 - index] is None
+            or not value.is_initializer()
+            or value.is_graph_input()
+            or tensor.dtype not in _FLOATS
+            or op in options.op_block_list
+            or _matches(node.name, options.node_block_list)
+            or tensor.size < options.min_elements
+        ):
+            return 0
+        qtype = self.qtype if op == "Conv" else TensorProto.UINT8  # a table as an activation
+        if qtype not in RUNTIME_WEIGHT_TYPES[op]:
+            self._left_float.add((op, qtype))
+            return 0
+        if op == "Conv":
+            self._conv(node, value, tensor)
+            return 1
+        return self._gather(node, value, tensor)
+
+    def _conv(self, node: ir.Node, weight: ir.Value, tensor: ir.TensorProtocol) -> None:
+        """``ConvInteger`` as ONNX Runtime's ``ConvInteger`` operator writes it: the weight per
+        tensor (``per_channel`` does not apply), ``Cast``, ``Mul`` by the scales, the bias added
+        after a ``Reshape`` to ``[1, -1, 1, ...]``."""
+        graph, out = self.graph, node.outputs[0]
+        x = typing.cast(ir.Value, node.inputs[0])
+        rank = len(tensor.shape)
+        if weight not in self.quantized:
+            self.quantized[weight] = self.initializers(
+                tensor,
+                weight.name or "",
+                [int(d) for d in tensor.shape.numpy()],
+                self.qtype,
+                False,
+                self.options.reduce_range,
+            )
+        w_q, w_scale, w_zp = self.quantized[weight]
+        x_q, x_scale, x_zp = self.activation(node, x)
+        name = f"{node.name}_quant" if node.name else ""
+        (integer,) = _node(
+            graph,
+            node,
+            "ConvInteger",
+            [x_q, w_q, x_zp, w_zp],
+            name,
+            [f"{out.name}_output_quantized"],
+        )
+        typing.cast(ir.Node, integer.producer()).attributes.update(
+            {a.name: ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()}
+        )
+        (cast,) = _node(
+            graph,
+            node,
+            "Cast",
+            [integer],
+            f"{out.name}_output_quantized_cast",
+            [f"{out.name}_output_quantized_cast_output"],
+            to=int(out.dtype or ir.DataType.FLOAT),
+        )
+        scales_name = f"{name}_scales_mul" if name else f"{x_scale.name}_{w_scale.name}_mul"
+        (scales,) = _node(graph, node, "Mul", [x_scale, w_scale], scales_name, [f"{scales_name}:0"])
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        (result,) = _node(
+            graph,
+            node,
+            "Mul",
+            [cast, scales],
+            f"{name}_output_scale_mul" if name else "",
+            [f"{out.name}quant_scaled_output" if bias is not None else f"{out.name}_q8"],
+        )
+        if bias is not None:
+            shape = np.ones(rank, np.int64)
+            shape[1] = -1
+            shape_name = f"{out.name}_bias_reshape_shape"
+            target = ir.Value(
+                name=shape_name,
+                shape=ir.Shape([rank]),
+                type=ir.TensorType(ir.DataType.INT64),
+                const_value=ir.tensor(shape, name=shape_name),
+            )
+            graph.register_initializer(target)
+            (reshaped,) = _node(
+                graph, node, "Reshape", [bias, target], "", [f"{out.name}_bias_reshape_output"]
+            )
+            (result,) = _node(
+                graph, node, "Add", [result, reshaped], f"{out.name}_bias_add", [f"{out.name}_q8"]
+            )
+        _replace(graph, node, result)
+
+    def _gather(self, node: ir.Node, table: ir.Value, tensor: ir.TensorProtocol) -> int:
+        """The Gather reads the table in uint8 (asymmetric, per tensor: ONNX Runtime quantizes it
+        as an activation) and a ``DequantizeLinear`` gives its readers floats again; readers
+        that are quantized themselves read the uint8 rows directly (the ``DequantizeLinear`` is
+        then dropped). 0 if the table was already quantized per channel (by a MatMul reading it
+        directly), which a per-tensor ``DequantizeLinear`` cannot undo: it stays float."""
+        if table not in self.quantized:
+            self.quantized[table] = self.initializers(
+                tensor,
+                table.name or "",
+                [int(d) for d in tensor.shape.numpy()],
+                TensorProto.UINT8,
+                False,
+                False,
+            )
+        values, scale, zero_point = self.quantized[table]
+        if len(scale.shape or ()) != 0:
+            return 0
+        out = node.outputs[0]
+        name = out.name or ""
+        readers = list(out.uses())
+        node.replace_input_with(0, values)
+        dequantize = ir.Node(
+            "",
+            "DequantizeLinear",
+            [out, scale, zero_point],
+            name=f"{name}_DequantizeLinear",
+            num_outputs=1,
+        )
+        result = dequantize.outputs[0]
+        result.type, result.shape = ir.TensorType(tensor.dtype), out.shape
+        self.graph.insert_after(node, dequantize)
+        for reader in readers:
+            reader.node.replace_input_with(reader.idx, result)
+        outputs = self.graph.outputs
+        for i, output in enumerate(outputs):
+            if output is out:
+                outputs[i] = result
+        out.name, out.type = f"{name}_quantized", ir.TensorType(ir.DataType.UINT8)
+        result.name = name
+        self._activations[result] = [out, scale, zero_point]
+        self._dequantize.append(dequantize)
+        return 1
+
+    def finish(self) -> None:
+        """Drop the ``DequantizeLinear`` nodes no reader is left for; log the ops left float."""
+        for node in self._dequantize:
+            if not node.outputs[0].uses() and node.outputs[0] not in self.graph.outputs:
+                self.graph.remove(node, safe=True)
+        for op, qtype in sorted(self._left_float):
+            logger.warning(
+                "quantize (%s): %s left float in part '%s': not every runtime of "
+                "Transformers.js runs it with %s weights (RUNTIME_WEIGHT_TYPES)",
+                self.options.mode,
+                op,
+                self.graph.name or "model",
+                ir.DataType(qtype).name.lower(),
+            )
+
+
 @register
 class Quantize(ModelPass[QuantizeOptions]):
-    """Quantize MatMul weights to 4 or 8 bits, byte for byte as ONNX Runtime's quantizers do.
+    """Quantize weights to 4 or 8 bits, byte for byte as ONNX Runtime's quantizers do.
 
     q4: MatMulNBits (4 bits, block_size along K, symmetric by default, accuracy_level);
     q4f16: q4, to be followed by an fp16 step on the same parts (checked before any work);
     bnb4: MatMulBnb4 (nf4 or fp4, blocks of 64); q8 / int8 / uint8: DynamicQuantizeLinear +
-    MatMulInteger, per tensor or per_channel, reduce_range; q8 stores uint8 weights when the
-    part has Conv / GroupQueryAttention / MultiHeadAttention, else int8 (Transformers.js's rule).
-    Only MatMuls whose B is a constant 2-D float weight, directly or through a Transpose (the tied
-    lm_head), are rewritten; with q4's gather option (off by default: Transformers.js's browser
+    MatMulInteger, per tensor or per_channel, reduce_range, and as ONNXQuantizer's whole
+    IntegerOps registry (Transformers.js's route) also Conv (ConvInteger) and Gather tables
+    (uint8 + DequantizeLinear); q8 stores uint8 weights when the part has Conv /
+    GroupQueryAttention / MultiHeadAttention, else int8 (Transformers.js's rule).
+    MatMuls are rewritten whose B is a constant 2-D float weight, directly or through a Transpose
+    (the tied lm_head); with q4's gather option (off by default: Transformers.js's browser
     wasm has no kernel for it), Gathers of a constant 2-D float table become
     GatherBlockQuantized. Weights are quantized with ONNX Runtime's kernels when written, each
     once; a part with nothing to quantize is reported with counts.
     """
 
     name = "quantize"
-    summary = (
-        "MatMul weights to q4 / q4f16 / bnb4 / q8 / int8 / uint8 (ONNX Runtime's kernels, streamed)"
-    )
+    summary = "weights to q4 / q4f16 / bnb4 / q8 / int8 / uint8 (ONNX Runtime's kernels, streamed)"
     Options = QuantizeOptions
 
     def check_following(self, later: Sequence[ModelPass[typing.Any] | typing.Any]) -> str | None:
@@ -270,29 +533,39 @@ class Quantize(ModelPass[QuantizeOptions]):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        options = self.options
         counts = {"matmul": 0, "quantized": 0, "computed_b": 0, "blocked": 0, "small": 0}
         weights: dict[ir.Value, list[ir.Value]] = {}
         tables = self._quantize_gathers(graph) if self._gathers_too() else {}
         counts["gather"] = sum(len(readers) for readers in tables.values())
-        rewrite = self._rewriter(graph)
+        eight_bit = None
+        if options.mode in _EIGHT_BIT:  # the weight type is chosen before any op is rewritten
+            eight_bit = _EightBit(options, graph, self._q8_type(graph), weights)
+            counts["conv"] = 0
+        rewrite = self._rewriter(graph, eight_bit)
         for node in list(graph):
-            if node.op_type != "MatMul" or node.domain != "":
+            if node.domain != "":
+                continue
+            if eight_bit is not None and node.op_type in ("Conv", "Gather"):
+                counts[node.op_type.lower()] += eight_bit.rewrite(node)
+                continue
+            if node.op_type != "MatMul":
                 continue
             counts["matmul"] += 1
             weight = self._weight(node)
             if weight is None:
                 counts["computed_b"] += 1
-            elif "MatMul" in self.options.op_block_list or _matches(
-                node.name, self.options.node_block_list
-            ):
+            elif "MatMul" in options.op_block_list or _matches(node.name, options.node_block_list):
                 counts["blocked"] += 1
-            elif weight.stored.size < self.options.min_elements:
+            elif weight.stored.size < options.min_elements:
                 counts["small"] += 1
             else:
                 if weight.key not in weights:
-                    weights[weight.key] = self._quantized_initializers(graph, weight)
+                    weights[weight.key] = self._quantized_initializers(graph, weight, eight_bit)
                 rewrite(node, weight, weights[weight.key])
                 counts["quantized"] += 1
+        if eight_bit is not None:
+            eight_bit.finish()
         for key in [*weights, *tables]:
             self._drop_float(graph, key)
         self.statistics = counts
@@ -309,15 +582,17 @@ class Quantize(ModelPass[QuantizeOptions]):
                 counts["small"],
             )
             return ir.passes.PassResult(model, modified=False)
-        if self.options.mode not in ("q8", "int8", "uint8"):
+        if options.mode not in _EIGHT_BIT:
             model.opset_imports.setdefault(_MS_DOMAIN, 1)
             graph.opset_imports.setdefault(_MS_DOMAIN, 1)
         logger.info(
-            "quantize (%s): %d MatMul rewritten, %d weights, %d Gather tables in part '%s'",
-            self.options.mode,
+            "quantize (%s): %d MatMul, %d Conv and %d Gather rewritten, %d weights and tables in "
+            "part '%s'",
+            options.mode,
             counts["quantized"],
-            len(weights),
-            len(tables),
+            counts.get("conv", 0),
+            counts["gather"],
+            len(weights) + len(tables),
             graph.name or "model",
         )
         return ir.passes.PassResult(model, modified=True)
@@ -413,7 +688,9 @@ class Quantize(ModelPass[QuantizeOptions]):
             return None
         return _Weight(b, b.name or f"{source.name}_transposed", tensor, transpose)
 
-    def _quantized_initializers(self, graph: ir.Graph, weight: _Weight) -> list[ir.Value]:
+    def _quantized_initializers(
+        self, graph: ir.Graph, weight: _Weight, eight_bit: _EightBit | None
+    ) -> list[ir.Value]:
         """The lazily quantized initializers of one weight, declared together, sharing one run."""
         options = self.options
         k, n = weight.shape
@@ -439,21 +716,22 @@ class Quantize(ModelPass[QuantizeOptions]):
                 (f"{w}_absmax", dtype, [-(-(k * n) // block)]),
             ]
         else:
-            qtype = self._q8_type(graph)
-            per_channel, reduce_range = options.per_channel, options.reduce_range
-            fn = lambda array: q8_arrays(array, qtype, per_channel, reduce_range)  # noqa: E731
-            itype = ir.DataType(qtype)
-            params = [n] if per_channel else []
-            specs = [
-                (f"{w}_quantized", itype, [k, n]),
-                (f"{w}_scale", dtype, params),
-                (f"{w}_zero_point", itype, params),
-            ]
+            assert eight_bit is not None
+            return eight_bit.initializers(
+                weight.stored,
+                w,
+                [k, n],
+                eight_bit.qtype,
+                options.per_channel,
+                options.reduce_range,
+                weight.matrix,
+            )
         return shared_initializers(
             graph, weight.stored, lambda stored: fn(weight.matrix(stored)), specs
         )
 
     def _q8_type(self, graph: ir.Graph) -> int:
+        """The 8-bit weight type: int8 or uint8 by mode; q8 by the ops of the part as given."""
         mode = self.options.mode
         if mode == "int8" or (
             mode == "q8" and not any(n.op_type in QUINT8_OPS for n in graph.all_nodes())
@@ -461,7 +739,9 @@ class Quantize(ModelPass[QuantizeOptions]):
             return TensorProto.INT8
         return TensorProto.UINT8
 
-    def _rewriter(self, graph: ir.Graph) -> Callable[[ir.Node, _Weight, list[ir.Value]], None]:
+    def _rewriter(
+        self, graph: ir.Graph, eight_bit: _EightBit | None
+    ) -> Callable[[ir.Node, _Weight, list[ir.Value]], None]:
         """The function replacing one MatMul by its quantized form, per mode."""
         options = self.options
         if options.mode in ("q4", "q4f16", "bnb4"):
@@ -492,23 +772,14 @@ class Quantize(ModelPass[QuantizeOptions]):
 
             return four_bit
 
-        dynamic: dict[ir.Value, list[ir.Value]] = {}
+        assert eight_bit is not None
 
-        def eight_bit(node: ir.Node, weight: _Weight, inits: list[ir.Value]) -> None:
+        def eight_bit_matmul(node: ir.Node, weight: _Weight, inits: list[ir.Value]) -> None:
             a = node.inputs[0]
             assert a is not None
             out = node.outputs[0]
             base = node.name or f"{out.name}_matmul"
-            if a not in dynamic:  # one DynamicQuantizeLinear per activation, as ONNXQuantizer
-                dynamic[a] = _node(
-                    graph,
-                    node,
-                    "DynamicQuantizeLinear",
-                    [a],
-                    f"{a.name}_QuantizeLinear",
-                    [f"{a.name}_quantized", f"{a.name}_scale", f"{a.name}_zero_point"],
-                )
-            a_q, a_scale, a_zp = dynamic[a]
+            a_q, a_scale, a_zp = eight_bit.activation(node, a)
             b_q, b_scale, b_zp = inits
             (integer,) = _node(
                 graph,
@@ -540,7 +811,7 @@ class Quantize(ModelPass[QuantizeOptions]):
             )
             _replace(graph, node, result)
 
-        return eight_bit
+        return eight_bit_matmul
 
     def _drop_float(self, graph: ir.Graph, key: ir.Value) -> None:
         """Remove the float weight (and its Transpose) once no reader is left."""

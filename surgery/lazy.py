@@ -101,6 +101,13 @@ class ConcatenatedTensor(ir.LazyTensor):
         return ir.Tensor(array, dtype=self.dtype, name=self.name)
 
 
+#: Held while a group reads its source: two groups of one source (a tied table quantized for its
+#: Gather and for its MatMul) may be computed at once by the writer's threads, and
+#: ``onnx_ir.ExternalTensor`` maps its file on first read without a lock ("Bug: The array should
+#: be loaded only once").
+_SOURCE_LOCK = threading.Lock()
+
+
 class SharedComputation:
     """``fn(source.numpy())``, a sequence of arrays, computed once for the tensors that hold them.
 
@@ -139,7 +146,9 @@ class SharedComputation:
         """Array ``index``, computing the group if needed; the group lets go of it."""
         with self._lock:
             if self._arrays is None or self._arrays[index] is None:
-                self._arrays = list(self._fn(self.source.numpy()))
+                with _SOURCE_LOCK:  # onnx_ir maps an external tensor on first read, unlocked
+                    source = self.source.numpy()
+                self._arrays = list(self._fn(source))
                 self.computations += 1
             array = self._arrays[index]
             assert array is not None

@@ -5,7 +5,9 @@ The tiny PaliGemma 2 goes through the flagship recipe with one extra variant per
 run here, on the fp32 files of the same output (where ``fold-transposes`` has already made the
 tied lm_head a plain initializer): ``MatMulNBitsQuantizer`` (block 32, symmetric),
 ``MatMulBnb4Quantizer`` (NF4, block 64) and ``ONNXQuantizer`` in IntegerOps mode as Transformers.js's
-``scripts/quantize.py`` calls it (restricted to MatMul, the op this pass rewrites). Every
+``scripts/quantize.py`` calls it: every op type of ``IntegerOpsRegistry`` but those of its
+``op_block_list`` (and any op a runtime lacks for that weight type, as the pass: none today), so
+the vision encoder's patch ``Conv`` and the embedding's ``Gather`` too. Every
 quantized initializer must be byte-identical and feed the same kind of node, and the outputs of
 both models in ONNX Runtime must agree within 1e-5. Then the real client: Transformers.js under
 Node loads each dtype from the same folder and generates the tokens our ONNX Runtime driver does.
@@ -24,12 +26,14 @@ import yaml
 from _js_client import image_at_processor_size, node_generate, require_transformers_js
 from onnx import numpy_helper
 
+from passes.quantize import RUNTIME_WEIGHT_TYPES
 from surgery.cli import main
 from surgery.recipe import find_recipe
 from surgery.verify import PartsRunner, processor_inputs, teacher_forced
 
 PARTS = ["vision_encoder", "decoder_model_merged"]  # embed_tokens has no MatMul
 ALL_PARTS = ["vision_encoder", "embed_tokens", "decoder_model_merged"]
+EIGHT_BIT = ("q8", "int8", "uint8")
 #: suffix -> (quantize options, anchor settings)
 VARIANTS: dict[str, dict[str, Any]] = {
     "_q4": {"mode": "q4", "gather": True},  # as _q4f16: the same parts quantized
@@ -47,7 +51,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "_int8": {"mode": "int8"},
     "_uint8": {"mode": "uint8"},
     "_pc": {"mode": "q8", "per_channel": True, "reduce_range": True},
+    "_mm": {"mode": "q8", "op_block_list": ["Conv", "Gather"]},  # MatMul only
 }
+
+
+def _parts(options: dict[str, Any]) -> list[str]:
+    """The parts a variant quantizes: those with a MatMul, and embed_tokens where its Gather is."""
+    gather = options.get("gather") or options["mode"] in EIGHT_BIT
+    return ALL_PARTS if gather and "Gather" not in options.get("op_block_list", []) else PARTS
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,7 @@ def folder(paligemma2_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     extra: list[Any] = []
     for suffix, options in VARIANTS.items():
         extra.append({"pass": "copy-parts", "parts": ALL_PARTS, "options": {"suffix": suffix}})
-        parts = ALL_PARTS if options.get("gather") else PARTS
+        parts = _parts(options)
         extra.append({"pass": "quantize", "parts": [p + suffix for p in parts], "options": options})
         if options["mode"] == "q4f16":
             extra.append({"pass": "fp16", "parts": [p + suffix for p in ALL_PARTS]})
@@ -82,6 +93,7 @@ def _anchor(fp32: Path, options: dict[str, Any]) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     model = onnx.load(fp32)
     mode = options["mode"]
@@ -110,18 +122,22 @@ def _anchor(fp32: Path, options: dict[str, Any]) -> onnx.ModelProto:
     unsigned = mode == "uint8" or (
         mode == "q8" and bool(ops & {"Conv", "GroupQueryAttention", "MultiHeadAttention"})
     )
+    weight_type = QuantType.QUInt8 if unsigned else QuantType.QInt8
+    op_types = set(IntegerOpsRegistry) - set(options.get("op_block_list", []))
+    types = {"Conv": weight_type.tensor_type, "Gather": QuantType.QUInt8.tensor_type}
+    op_types -= {op for op, runs in RUNTIME_WEIGHT_TYPES.items() if types[op] not in runs}
     quantizer = ONNXQuantizer(
         model,
         options.get("per_channel", False),
         options.get("reduce_range", False),
         mode=QuantizationMode.IntegerOps,
         static=False,
-        weight_qType=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+        weight_qType=weight_type,
         activation_qType=QuantType.QUInt8,
         tensors_range=None,
         nodes_to_quantize=[],
         nodes_to_exclude=[],
-        op_types_to_quantize={"MatMul"},
+        op_types_to_quantize=op_types,
         extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
     )
     return quantizer.quantize_model()
@@ -161,7 +177,7 @@ def _feed(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]
         (part, suffix)
         for part in ALL_PARTS
         for suffix, options in VARIANTS.items()
-        if part in PARTS or options.get("gather")
+        if part in _parts(options)
     ],
 )
 def test_quantized_initializers_and_outputs_equal_the_anchors(
@@ -191,6 +207,13 @@ def test_quantized_initializers_and_outputs_equal_the_anchors(
     ours_ops = sorted(n.op_type for n in ours.graph.node)
     anchor_ops = sorted(n.op_type for n in anchor.graph.node)
     assert ours_ops == anchor_ops
+    whole_registry = {  # the 8-bit ops beside MatMulInteger, unless the variant blocks them
+        "vision_encoder": ("Conv", "ConvInteger"),
+        "embed_tokens": ("Gather", "DequantizeLinear"),
+    }
+    if VARIANTS[suffix]["mode"] in EIGHT_BIT and part in whole_registry:
+        op, quantized_op = whole_registry[part]
+        assert (quantized_op in ours_ops) is (op not in VARIANTS[suffix].get("op_block_list", []))
 
     anchor_path = tmp_path / "anchor.onnx"
     onnx.save(anchor, anchor_path, save_as_external_data=True, location="anchor.onnx.data")

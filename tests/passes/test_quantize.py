@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import tracemalloc
 import types
 from pathlib import Path
@@ -172,16 +173,18 @@ def test_transposed_tied_and_shared_weights(tmp_path: Path, mode: str) -> None:
     pass_ = Quantize(mode=mode)
     assert pass_(model).modified
     graph = model.graph
+    eight_bit = mode in ("q8", "uint8")  # the Gather's table too, in uint8
     assert pass_.statistics == {
         "matmul": 5,
         "quantized": 4,
         "computed_b": 1,
         "blocked": 0,
         "small": 0,
-        "gather": 0,
+        "gather": int(eight_bit),
+        **({"conv": 0} if eight_bit else {}),
     }
-    assert len(_groups(model)) == 3, "the shared weight is quantized once for both readers"
-    assert "tied" in graph.initializers, "the Gather keeps the float embedding"
+    assert len(_groups(model)) == 3 + eight_bit, "the shared weight is quantized once for both"
+    assert ("tied" in graph.initializers) is not eight_bit, "4 bits: the Gather keeps the float"
     assert "weight" not in graph.initializers and "shared" not in graph.initializers
     assert [n.name for n in graph if n.op_type == "Transpose"] == ["x_transpose"]
     assert sum(n.op_type == "MatMul" for n in graph) == 1  # the computed B stays float
@@ -189,8 +192,9 @@ def test_transposed_tied_and_shared_weights(tmp_path: Path, mode: str) -> None:
     writer.save_model(model, out)
     onnx.checker.check_model(str(out), full_check=True)
     want, got = _run(source), _run(out)
-    np.testing.assert_array_equal(got[0], want[0])  # the Gather is untouched
-    for g, w in zip(got[1:], want[1:], strict=True):
+    if not eight_bit:
+        np.testing.assert_array_equal(got[0], want[0])  # the Gather is untouched
+    for g, w in zip(got[int(not eight_bit) :], want[int(not eight_bit) :], strict=True):
         assert np.abs(g - w).max() < 0.2 * np.abs(w).max(), "quantized, still close"
 
 
@@ -214,7 +218,7 @@ def test_a_part_without_eligible_matmul_warns_with_counts(
 ) -> None:
     model = load_model(_tied(tmp_path))
     with caplog.at_level(logging.WARNING, logger="passes.quantize"):
-        assert not Quantize(mode="q8", op_block_list=["MatMul"])(model).modified
+        assert not Quantize(mode="q8", op_block_list=["MatMul", "Gather"])(model).modified
     assert caplog.messages == [
         "quantize: no eligible MatMul in part 'tied' (5 MatMul: 1 with a computed B, "
         "4 blocked, 0 under min_elements); it stays float"
@@ -448,3 +452,154 @@ def test_q4_column_strips_equal_onnx_runtime_byte_for_byte(
         for got, want in zip(ours, theirs, strict=True):
             assert (got.shape, got.dtype) == (want.shape, want.dtype), layout
             assert got.tobytes() == want.tobytes(), layout
+
+
+def _registry_graph(tmp_path: Path) -> Path:
+    """What the 8-bit modes rewrite besides MatMul: an embedding over the chunk limit (row blocks
+    after split-large-tensors), a Gather read by a MatMul, a table read by a Gather and by a
+    MatMul, and two Convs, with and without bias."""
+    rng = np.random.default_rng(4)
+    arrays = {
+        "table": rng.standard_normal((40, 32), dtype=np.float32),  # 5120 bytes: 3 row blocks
+        "rows": rng.standard_normal((6, 16), dtype=np.float32),
+        "projection": rng.standard_normal((16, 8), dtype=np.float32),
+        "shared": rng.standard_normal((16, 32), dtype=np.float32),
+        "kernel": rng.standard_normal((8, 3, 4, 4), dtype=np.float32),
+        "kernel2": rng.standard_normal((4, 3, 2, 2), dtype=np.float32),
+        "bias": rng.standard_normal(8, dtype=np.float32),
+    }
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["embedded"], axis=0, name="embed"),
+        helper.make_node("Gather", ["rows", "small_ids"], ["picked"], axis=0, name="pick"),
+        helper.make_node("MatMul", ["picked", "projection"], ["projected"], name="project"),
+        helper.make_node("Gather", ["shared", "small_ids"], ["shared_rows"], axis=0, name="take"),
+        helper.make_node("MatMul", ["x", "shared"], ["mixed"], name="mix"),
+        helper.make_node("Conv", ["pixels", "kernel", "bias"], ["patches"], strides=[4, 4],
+                         name="patch_embedding"),
+        helper.make_node("Conv", ["pixels", "kernel2"], ["patches2"], strides=[2, 2]),
+    ]  # fmt: skip
+    outputs = {
+        "embedded": [2, 4, 32],
+        "projected": [2, 8],
+        "shared_rows": [2, 32],
+        "mixed": [3, 32],
+        "patches": [1, 8, 4, 4],
+        "patches2": [1, 4, 8, 8],
+    }
+    graph = helper.make_graph(
+        nodes,
+        "registry",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 4]),
+            helper.make_tensor_value_info("small_ids", TensorProto.INT64, [2]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16]),
+            helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 3, 16, 16]),
+        ],
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return _save(model, tmp_path / "registry.onnx")
+
+
+def _registry_feeds() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {
+        "ids": np.array([[0, 13, 14, 39], [26, 27, -1, 5]], np.int64),  # block edges, negative
+        "small_ids": np.array([5, 1], np.int64),
+        "x": rng.standard_normal((3, 16), dtype=np.float32),
+        "pixels": rng.standard_normal((1, 3, 16, 16), dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize(("mode", "per_channel"), [("q8", False), ("int8", False), ("uint8", True)])
+def test_eight_bit_modes_equal_onnx_quantizer_with_its_whole_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, per_channel: bool
+) -> None:
+    """As Transformers.js's script calls ONNXQuantizer (IntegerOps, every op of
+    IntegerOpsRegistry), on the graph as split-large-tensors leaves it: every initializer
+    byte-identical, the same ops, the same outputs. Each row block of the embedding is quantized
+    on its own (as the quantizer does with the split graph), read in row blocks of 2 rows."""
+    from onnxruntime.quantization import QuantizationMode, QuantType
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    from passes import SplitLargeTensors, quantize_kernels
+    from surgery import PassManager, load
+
+    bundle = load(_registry_graph(tmp_path))
+    assert PassManager([SplitLargeTensors(max_bytes=2048)]).run(bundle)
+    split = tmp_path / "split" / "registry.onnx"
+    writer.save_model(bundle["registry"], split)
+    blocks = [t.name for t in onnx.load(split, load_external_data=False).graph.initializer]
+    assert [b for b in blocks if re.fullmatch(r"table\.rows\d", b)] == [
+        f"table.rows{i}" for i in range(3)
+    ]
+
+    monkeypatch.setattr(quantize_kernels, "BLOCK_BYTES", 2 * 32 * 4)
+    model = load_model(split)
+    pass_ = Quantize(mode=mode, per_channel=per_channel, reduce_range=per_channel)
+    assert pass_(model).modified
+    assert (pass_.statistics["gather"], pass_.statistics["conv"]) == (5, 2)
+    out = tmp_path / "out" / "q.onnx"
+    writer.save_model(model, out)
+    onnx.checker.check_model(str(out), full_check=True)
+
+    unsigned = mode == "uint8" or mode == "q8"  # q8: the part has a Conv (QUINT8_OPS)
+    anchor = ONNXQuantizer(
+        onnx.load(split),
+        per_channel,
+        per_channel,
+        mode=QuantizationMode.IntegerOps,
+        static=False,
+        weight_qType=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+        activation_qType=QuantType.QUInt8,
+        tensors_range=None,
+        nodes_to_quantize=[],
+        nodes_to_exclude=[],
+        op_types_to_quantize=set(IntegerOpsRegistry),
+        extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
+    ).quantize_model()
+    ours = onnx.load(out)
+    want = {t.name: numpy_helper.to_array(t) for t in anchor.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    assert sorted(got) == sorted(want)
+    for name, array in want.items():
+        assert (got[name].dtype, got[name].shape) == (array.dtype, array.shape), name
+        assert got[name].tobytes() == array.tobytes(), name
+    assert sorted(n.op_type for n in ours.graph.node) == sorted(
+        n.op_type for n in anchor.graph.node
+    )
+    # The Gather read by a MatMul feeds MatMulInteger its uint8 rows: no DequantizeLinear there.
+    readers = {i for n in ours.graph.node if n.op_type == "MatMulInteger" for i in n.input}
+    assert "picked_quantized" in readers and "picked" not in {
+        o for n in ours.graph.node for o in n.output
+    }
+    anchor_path = tmp_path / "anchor.onnx"
+    onnx.save(anchor, anchor_path)
+    feeds = _registry_feeds()
+    results = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for p in (out, anchor_path)
+    ]
+    for g, w in zip(*results, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+    source = ort.InferenceSession(str(split), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, w in zip(results[0], source, strict=True):
+        assert np.abs(g - w).max() < 0.1 * np.abs(w).max(), "quantized, still close"
+
+
+def test_eight_bit_block_lists_leave_convs_and_gathers_float(tmp_path: Path) -> None:
+    """op_block_list takes op types as Transformers.js's script does; node_block_list and
+    min_elements apply to Conv and Gather as to MatMul."""
+    for options, conv, gather, dequantize in (
+        ({"op_block_list": ["Conv", "Gather"]}, 0, 0, 0),
+        ({"node_block_list": ["patch_*", "embed"]}, 1, 2, 1),  # pick's rows go to MatMulInteger
+        ({"min_elements": 16 * 8 + 1}, 1, 2, 2),  # kernel2 (48) and rows (96) stay float
+    ):
+        model = load_model(_registry_graph(tmp_path))
+        pass_ = Quantize(mode="q8", **options)
+        assert pass_(model).modified
+        assert (pass_.statistics["conv"], pass_.statistics["gather"]) == (conv, gather), options
+        assert sum(n.op_type == "Conv" for n in model.graph) == 2 - conv
+        assert sum(n.op_type == "DequantizeLinear" for n in model.graph) == dequantize
