@@ -317,10 +317,13 @@ NEAR_TIE = 0.02
 MIN_COSINE = 0.9999
 
 
-def near_ties(reference: GreedyResult, got: GreedyResult, label: str) -> tuple[bool, str]:
+def near_ties(
+    reference: GreedyResult, got: GreedyResult, label: str, reference_name: str = "PyTorch"
+) -> tuple[bool, str]:
     """Whether ``got``, run teacher-forced along ``reference``'s tokens, picks ``reference``'s
     top-1 at every step or a near-tie of it (its lead under :data:`NEAR_TIE`), with logits cosine
-    at least :data:`MIN_COSINE`; and the report, one line per differing top-1."""
+    at least :data:`MIN_COSINE`; and the report, one line per differing top-1, which names the
+    reference ``reference_name``."""
     flips, cosines, total = [], [], 0
     for step, want in enumerate(reference.logits):
         have = got.logits[step]
@@ -335,17 +338,18 @@ def near_ties(reference: GreedyResult, got: GreedyResult, label: str) -> tuple[b
     ok = all(lead < NEAR_TIE for *_, lead in flips) and min(cosines) >= MIN_COSINE
     lines = [
         label,
-        f"  teacher-forced along PyTorch's greedy path: top-1 agreement {total - len(flips)}/"
-        f"{total}, logits cosine min {min(cosines):.6f} (at least {MIN_COSINE})",
+        f"  teacher-forced along {reference_name}'s greedy path: top-1 agreement "
+        f"{total - len(flips)}/{total}, logits cosine min {min(cosines):.6f} (at least "
+        f"{MIN_COSINE})",
     ]
     for step, row, chosen, token, lead in flips:
         kind = "a near-tie" if lead < NEAR_TIE else "NOT a near-tie"
         lines.append(
-            f"  step {step} row {row}: {chosen} instead of {token}, which PyTorch ranks "
+            f"  step {step} row {row}: {chosen} instead of {token}, which {reference_name} ranks "
             f"{lead:.2e} higher: {kind} (< {NEAR_TIE})"
         )
     if ok:
-        lines.append("  every top-1 is PyTorch's or a near-tie of it")
+        lines.append(f"  every top-1 is {reference_name}'s or a near-tie of it")
     return ok, "\n".join(lines)
 
 
