@@ -4,10 +4,16 @@ The exported SigLIP attention (``Reshape → Transpose`` of Q, K and V, ``Q·K�
 ``Softmax``, ``·V``, ``Transpose → Reshape``) materialises the ``[B, heads, S, S]`` score and
 probability matrices: at 896 px (4096 tokens, 16 heads) 1 GiB each per layer in fp32. ONNX
 Runtime's ``com.microsoft.MultiHeadAttention`` takes Q, K and V as ``[B, S, hidden]`` and, on
-CPU, computes attention in blocks without them. Measured with ``benchmarks/vision.py``
-(So400m widths, 2 layers, ONNX Runtime CPU, 2 threads): at 896 px peak anonymous memory falls
-from about 2.9 GiB to under 0.6 GiB and the time by about a fifth; at 448 px memory falls by
-about 200 MiB at the same time.
+CPU without mask or past, computes attention in blocks without them (``MlasFlashAttention``).
+Measured with ``benchmarks/vision.py`` (So400m widths, 2 layers, ONNX Runtime CPU, 2 threads):
+at 896 px peak anonymous memory 2982 → 571 MiB and time 1945 → 1488 ms; at 448 px 453 → 252
+MiB and 303 → 269 ms.
+
+Runtimes (Transformers.js 4.3.1): onnxruntime-node runs the CPU kernel above; the
+``onnxruntime-web/webgpu`` build has a WebGPU kernel (float, float16) and, for device wasm, the
+same CPU kernel compiled to 32-bit wasm, which takes the unblocked path (it keeps the
+probabilities) and fails with a SafeInt overflow once ``2 · head_dim · S²`` passes 2³¹ (SigLIP
+at 896 px); see ``tests/test_vision_attention_runtimes.py``.
 
 Reused, not rewritten: onnxscript 0.7's ORT fusion rules, applied in their own order as
 :class:`surgery.rewrite.RewritePass` stages (counts per part, ``expect``, ``explain``):
@@ -94,8 +100,9 @@ class FuseVisionAttention(RewritePass[RewriteOptions]):
 
     Rules (stages, in this order): ``sdpa`` (onnxscript's scaled-dot-product rule, one per
     attention) and ``attention`` (onnxscript's plain MHA rule, one per vision layer). An
-    attention that would stop at SDPA is left as exported, with a warning. Run on
-    ``vision_encoder``, before ``copy-parts``, so every dtype gets it.
+    attention that would stop at SDPA is left as exported, with a warning. The recipe runs it
+    on ``vision_encoder`` after the q8 copy (onnxruntime-web's wasm kernel fails at 896 px)
+    and before the fp16 and q4f16 copies.
     """
 
     name = "fuse-vision-attention"
