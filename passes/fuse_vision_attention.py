@@ -18,8 +18,9 @@ at 896 px); see ``tests/test_vision_attention_runtimes.py``.
 Reused, not rewritten: onnxscript 0.7's ORT fusion rules, applied in their own order as
 :class:`surgery.rewrite.RewritePass` stages (counts per part, ``expect``, ``explain``):
 
-1. ``sdpa``: onnxscript's ``SDPA`` rule (``ort_fusions.sdpa``), the scaled dot product without
-   mask and with a scale it can read, to a temporary ``ai.onnxruntime._fusion.SDPA`` node;
+1. ``sdpa``: onnxscript's ``SDPA`` rule (``ort_fusions.sdpa``), the scaled dot product (an
+   additive mask allowed) with a scale it can read, to a temporary
+   ``ai.onnxruntime._fusion.SDPA`` node;
 2. ``attention``: onnxscript's plain ``MHA`` rule (``ort_fusions.mha``: no past, no rotary, no
    cross-attention), which takes the SDPA with its head split and merge to
    ``MultiHeadAttention(q, k, v, num_heads, scale)``.
@@ -32,8 +33,7 @@ Where this departs from onnxscript's ``optimize_for_ort`` and why:
   matrix (peak 2.4 GiB at 896 px in the same benchmark);
 * the bias Adds stay outside (no ``mha_bias`` rule), skip-LayerNorm is not fused, and there is no
   whole-graph pre-optimisation (the rules fire on the exported graph as it is): fewer contrib ops
-  for ``fp16`` and the runtimes to know, and ONNX Runtime fuses Add + LayerNorm itself where it
-  can;
+  for ``fp16`` and the runtimes to know, and skip-LayerNorm gained nothing in the benchmark;
 * an attention whose temporary ``SDPA`` no ``MHA`` rule would take (a past, rotary, a
   cross-attention… as Gemma 1's decoder attention) is left as exported, with a warning naming
   it, instead of being left as an ``SDPA`` op that no runtime has: the rules run once on a

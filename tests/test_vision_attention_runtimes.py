@@ -74,6 +74,12 @@ def test_every_dtype_of_the_vision_encoder_loads_in_every_runtime(
         model = onnx.load(out / "onnx" / f"vision_encoder{suffix}.onnx")  # weights inlined
         fused = any(n.op_type == "MultiHeadAttention" for n in model.graph.node)
         assert fused is (suffix != "_quantized"), suffix
+        if suffix in ("_quantized", "_q4f16"):  # quantize found every weight MatMul
+            weights = {i.name for i in model.graph.initializer}
+            left = [
+                n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+            ]
+            assert left == [], (suffix, left)
         inline = tmp_path / f"vision_encoder{suffix}.onnx"
         onnx.save(model, inline)
         for package in PACKAGES:
