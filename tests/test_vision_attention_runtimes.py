@@ -14,9 +14,9 @@ bundle embeds (for device ``wasm`` too); the plain onnxruntime-web build is chec
   72 at 896 px (4096 tokens) fails, 448 px runs. So the recipe copies q8, the wasm default,
   before the fusion; an upgrade that fixes the kernel fails this test until q8 is fused too.
 
-WebGPU itself needs a GPU: its kernel (``contrib_ops/webgpu/bert/multihead_attention.cc``, float
-and float16) is not run here; ``tests/test_browser.py`` runs q8 and q4f16 end to end in Chromium
-on wasm, at the tiny model's 16 tokens.
+WebGPU (``contrib_ops/webgpu/bert/multihead_attention.cc``, float and float16) is run by
+``tests/test_browser.py`` in headless Chromium (fp32 and q4 on SwiftShader, MultiHeadAttention
+placed on the WebGPU provider), as are q8 and q4f16 on wasm, at the tiny model's 16 tokens.
 """
 
 from __future__ import annotations
