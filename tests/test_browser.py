@@ -270,8 +270,11 @@ def test_transformersjs_in_chromium_generates_our_tokens(
 
 
 #: What ONNX Runtime's WebGPU execution provider must run itself, never hand to its CPU provider:
-#: the quantized ops, and the float compute the decoder is made of.
-ON_WEBGPU = {"MatMulNBits", "GatherBlockQuantized", "MatMul", "Softmax", "Gelu", "Tanh", "Conv"}
+#: the quantized ops, and the float compute the decoder and the (fused) vision encoder are made of.
+ON_WEBGPU = {
+    "MatMulNBits", "GatherBlockQuantized", "MatMul", "Softmax", "Gelu", "Tanh", "Conv",
+    "MultiHeadAttention",
+}  # fmt: skip
 
 
 def _cpu_placed(lines: list[str]) -> tuple[int, list[str]]:

@@ -143,7 +143,8 @@ def _fp16_parts(model_path: Path) -> tuple[dict[str, ir.Model], dict[str, dict[s
     steps = [
         s
         for s in recipe.steps
-        if s.name not in ("fold-transposes", "quantize", "grouped-attention")  # as pinned
+        if s.name
+        not in ("fold-transposes", "quantize", "grouped-attention", "fuse-vision-attention")
         and not any(p.endswith("_q4f16") for p in s.pass_.parts or ())  # only the _fp16 dtype
     ]
     PassManager([s for s in steps if s.name != "fp16"], context=context).run(bundle)
