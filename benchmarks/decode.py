@@ -15,8 +15,8 @@ taking turns run by run within each cell, row (c) included (so a drifting load o
 hits every row):
 prefill of 272 and 1040 tokens (empty past; the fused decoder is fed ``num_logits_to_keep = 1``
 as Transformers.js's ``generate`` does) and one decode step at past 272, 1040 and 4112 (random
-past; same inputs for both rows); the median of ``--runs`` after one warm-up. The floor is the
-decoder's weight bytes divided by the read bandwidth of this machine, measured in the same run by
+past; the same inputs for every ONNX Runtime row); the median of ``--runs`` after one warm-up.
+The floor is the decoder's weight bytes divided by the read bandwidth of this machine, measured in the same run by
 summing a 1 GiB buffer on as many threads: a decode step cannot be faster than reading its
 weights once.
 
