@@ -11,19 +11,20 @@ exported once, then turned into Transformers.js folders by two recipes:
   of both: only the fp32 ``decoder_model_merged`` is timed).
 
 Each row's decoder runs in ONNX Runtime CPU with 2 intra-op threads, all rows in this one run,
-taking turns run by run within each cell (so a drifting load on a shared machine hits every row):
+taking turns run by run within each cell, row (c) included (so a drifting load on a shared machine
+hits every row):
 prefill of 272 and 1040 tokens (empty past; the fused decoder is fed ``num_logits_to_keep = 1``
 as Transformers.js's ``generate`` does) and one decode step at past 272, 1040 and 4112 (random
-past; same inputs for both rows); the median of ``--runs`` after one warm-up. The floor is the
-decoder's weight bytes divided by the read bandwidth of this machine, measured in the same run by
+past; the same inputs for every ONNX Runtime row); the median of ``--runs`` after one warm-up.
+The floor is the decoder's weight bytes divided by the read bandwidth of this machine, measured in the same run by
 summing a 1 GiB buffer on as many threads: a decode step cannot be faster than reading its
 weights once.
 
 Row (c), when ``onnxruntime-genai`` is installed: its model builder (``-p fp32 -e cpu``) on the
 same text weights (a ``Gemma2ForCausalLM`` checkpoint saved from the language model), 2 threads,
 driven by ``og.Generator`` with ``max_length`` 4200 (over the 4096 window): prefill is
-``append_tokens`` of random ids, decode one ``generate_next_token`` after a prompt of the past's
-length.
+``append_tokens`` of random ids on a fresh generator, decode one ``generate_next_token`` after a
+prompt of the past's length (each run adds one token to that past).
 
 Row (d): (b) plus ``fuse-projections`` (one MatMul for Q/K/V and one for gate/up), a fusion
 the recipe leaves out unless this row shows it helps.
@@ -49,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -146,16 +148,6 @@ def read_bandwidth(size: int = 2**30, threads: int = THREADS, repeats: int = 5) 
     return best
 
 
-def _median_ms(run: Callable[[], object], runs: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def _feeds(session: object, length: int, past: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feeds: dict[str, np.ndarray] = {
@@ -174,39 +166,57 @@ def _feeds(session: object, length: int, past: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _rows(
-    decoders: dict[str, Path], runs: int, cells_of: list[tuple[int, int]] | None = None
-) -> dict[str, list[float]]:
-    """Median ms of each (length, past) cell (default: the table's columns) for each decoder.
+#: A row of the table: (prompt length, past length) -> a function called before each timed run,
+#: untimed, that returns the step to time.
+Row = Callable[[int, int], Callable[[], Callable[[], object]]]
 
-    The decoders take turns, run by run, within each cell: on a shared machine the load drifts
-    over minutes, and timing one row after the other would put that drift between the rows.
-    """
+
+def _ort_rows(decoders: dict[str, Path]) -> dict[str, Row]:
+    """One row per decoder: ONNX Runtime CPU, :data:`THREADS` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    sessions = {
-        label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for label, path in decoders.items()
-    }
-    rows: dict[str, list[float]] = {label: [] for label in sessions}
-    for length, past in cells_of or [(n, 0) for n in PREFILL] + [(1, p) for p in PAST]:
-        feeds = {label: _feeds(s, length, past) for label, s in sessions.items()}
-        times: dict[str, list[float]] = {label: [] for label in sessions}
-        for run in range(runs + 1):  # the first is the warm-up
-            for label, session in sessions.items():
-                start = time.perf_counter()
-                session.run(["logits"], feeds[label])
-                if run:
-                    times[label].append((time.perf_counter() - start) * 1000)
-        for label in sessions:
-            rows[label].append(statistics.median(times[label]))
+    rows: dict[str, Row] = {}
+    for label, path in decoders.items():
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def row(
+            length: int, past: int, session: Any = session
+        ) -> Callable[[], Callable[[], object]]:
+            feeds = _feeds(session, length, past)
+            return lambda: lambda: session.run(["logits"], feeds)
+
+        rows[label] = row
     return rows
 
 
-def _genai_row(checkpoint: Path, work: Path, runs: int) -> list[float]:
+def _rows(
+    rows: dict[str, Row], runs: int, cells_of: list[tuple[int, int]] | None = None
+) -> dict[str, list[float]]:
+    """Median ms of each (length, past) cell (default: the table's columns) for each row.
+
+    The rows take turns, run by run, within each cell: on a shared machine the load drifts over
+    minutes, and timing one row after the other would put that drift between the rows.
+    """
+    medians: dict[str, list[float]] = {label: [] for label in rows}
+    for length, past in cells_of or [(n, 0) for n in PREFILL] + [(1, p) for p in PAST]:
+        prepared = {label: row(length, past) for label, row in rows.items()}
+        times: dict[str, list[float]] = {label: [] for label in rows}
+        for run in range(runs + 1):  # the first is the warm-up
+            for label, prepare in prepared.items():
+                step = prepare()
+                start = time.perf_counter()
+                step()
+                if run:
+                    times[label].append((time.perf_counter() - start) * 1000)
+        for label in rows:
+            medians[label].append(statistics.median(times[label]))
+    return medians
+
+
+def _genai_row(checkpoint: Path, work: Path) -> Row:
     """Row (c): onnxruntime-genai's builder on the language model of ``checkpoint``."""
     import onnxruntime_genai as og
     import torch
@@ -241,20 +251,20 @@ def _genai_row(checkpoint: Path, work: Path, runs: int) -> list[float]:
     def ids(n: int) -> np.ndarray:
         return rng.integers(300, VOCAB - 2000, n).astype(np.int32)
 
-    cells = []
-    for length in PREFILL:
-        prompts = [(generator(), ids(length)) for _ in range(runs + 1)]
-        times = []
-        for gen, prompt in prompts:
-            start = time.perf_counter()
-            gen.append_tokens(prompt)
-            times.append((time.perf_counter() - start) * 1000)
-        cells.append(statistics.median(times[1:]))  # the first is the warm-up
-    for past in PAST:
+    def row(length: int, past: int) -> Callable[[], Callable[[], object]]:
+        if not past:  # prefill: a fresh generator per run
+            prompt = ids(length)
+
+            def fresh() -> Callable[[], object]:
+                gen = generator()
+                return lambda: gen.append_tokens(prompt)
+
+            return fresh
         gen = generator()
         gen.append_tokens(ids(past))
-        cells.append(_median_ms(gen.generate_next_token, runs))
-    return cells
+        return lambda: gen.generate_next_token
+
+    return row
 
 
 def _folders(
@@ -310,13 +320,15 @@ def main() -> None:
             for p in decoders["(a) unfused"].parent.glob("decoder_model_merged.onnx_data*")
         )
         bandwidth = read_bandwidth()
-        rows = _rows(decoders, args.runs)
+        timed = _ort_rows(decoders)
         try:
             import onnxruntime_genai  # noqa: F401
         except ImportError:
             print("(c) skipped: onnxruntime-genai is not installed")
         else:
-            rows["(c) onnxruntime-genai builder"] = _genai_row(checkpoint, work, args.runs)
+            timed["(c) onnxruntime-genai builder"] = _genai_row(checkpoint, work)
+        rows = _rows(timed, args.runs)
+        del timed  # the sessions and generators
         floor_ms = weight_bytes / bandwidth * 1000
         head = [f"prefill {n}" for n in PREFILL] + [f"decode, past {p}" for p in PAST]
         print(
@@ -367,7 +379,8 @@ def main() -> None:
             lean=True,
         )
         real_rows = {
-            label: cells[0] for label, cells in _rows(real, args.runs, [(PREFILL[0], 0)]).items()
+            label: cells[0]
+            for label, cells in _rows(_ort_rows(real), args.runs, [(PREFILL[0], 0)]).items()
         }
         a_real, b_real = real_rows["(a) unfused"], real_rows["(b) fused"]
         print(
