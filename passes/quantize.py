@@ -367,7 +367,8 @@ class Quantize(ModelPass[QuantizeOptions]):
                 if not symmetric:
                     specs.append((f"{table.name}_zero_points", itype, [rows, k_blocks]))
                 fn = lambda array: gather_q4_arrays(array, block, symmetric)  # noqa: E731
-                quantized[table] = shared_initializers(graph, tensor, fn, specs)
+                key = ("gather-q4", block, symmetric)
+                quantized[table] = shared_initializers(graph, tensor, fn, specs, key)
             data, scales, *zero_points = quantized[table]
             (result,) = _node(
                 graph,
@@ -425,6 +426,7 @@ class Quantize(ModelPass[QuantizeOptions]):
             block, symmetric = options.block, options.symmetric
             k_blocks = -(-k // block)
             fn = lambda array: q4_arrays(_kernels(), array, block, symmetric)  # noqa: E731
+            fn_key: tuple[object, ...] = ("q4", block, symmetric)
             specs = [
                 (f"{w}_Q4", ir.DataType.UINT8, [n, k_blocks, (block + 1) // 2]),
                 (f"{w}_scales", dtype, [n, k_blocks]),
@@ -434,6 +436,7 @@ class Quantize(ModelPass[QuantizeOptions]):
         elif options.mode == "bnb4":
             block, kind = options.block, 1 if options.quant_type == "nf4" else 0
             fn = lambda array: bnb4_arrays(_kernels(), array, block, kind)  # noqa: E731
+            fn_key = ("bnb4", block, kind)
             specs = [
                 (f"{w}_Bnb4", ir.DataType.UINT8, [(k * n + 1) // 2]),
                 (f"{w}_absmax", dtype, [-(-(k * n) // block)]),
@@ -442,6 +445,7 @@ class Quantize(ModelPass[QuantizeOptions]):
             qtype = self._q8_type(graph)
             per_channel, reduce_range = options.per_channel, options.reduce_range
             fn = lambda array: q8_arrays(array, qtype, per_channel, reduce_range)  # noqa: E731
+            fn_key = ("q8", qtype, per_channel, reduce_range)
             itype = ir.DataType(qtype)
             params = [n] if per_channel else []
             specs = [
@@ -449,8 +453,9 @@ class Quantize(ModelPass[QuantizeOptions]):
                 (f"{w}_scale", dtype, params),
                 (f"{w}_zero_point", itype, params),
             ]
+        key = (fn_key, weight.transpose is not None)  # the arrays, given the stored weight
         return shared_initializers(
-            graph, weight.stored, lambda stored: fn(weight.matrix(stored)), specs
+            graph, weight.stored, lambda stored: fn(weight.matrix(stored)), specs, key
         )
 
     def _q8_type(self, graph: ir.Graph) -> int:

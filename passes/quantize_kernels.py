@@ -20,14 +20,16 @@ start-up need not load ONNX Runtime).
 
 from __future__ import annotations
 
+import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto
 
 from surgery.lazy import SharedComputation
+from surgery.transpose import transpose_into
 
 __all__ = [
     "BLOCK_BYTES",
@@ -53,12 +55,23 @@ def ort_kernels() -> typing.Any:
 BLOCK_BYTES = 8 << 20
 
 
+def _strip_into(out: np.ndarray, view: np.ndarray) -> None:
+    """``out[...] = view``; tile by tile where ``view`` is a transposed view of a stored array."""
+    if view.strides[0] < view.strides[1]:  # walks the stored array down its columns
+        transpose_into(view.T, out)
+    else:
+        out[...] = view
+
+
 def q4_arrays(
     kernels: typing.Any, weight: np.ndarray, block_size: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Packed values, scales and zero points: ``DefaultWeightOnlyQuantizer.qbits_block_quant``,
-    one call per strip of about :data:`BLOCK_BYTES` of ``weight``'s columns (each column is
-    quantized alone, so the bytes equal one call's), so a transposed view is not copied whole."""
+    """Packed values, scales and zero points: ``DefaultWeightOnlyQuantizer.qbits_block_quant``.
+
+    A contiguous weight whose K is a multiple of ``block_size`` is given to the kernel as it is
+    (its quantizer pads a copy, with nothing to pad here). Otherwise one call per strip of about
+    :data:`BLOCK_BYTES` of ``weight``'s columns, padded (each column is quantized alone, so the
+    bytes equal one call's), so a transposed view is not copied whole."""
     rows, cols = weight.shape
     k_blocks = (rows + block_size - 1) // block_size
     blob_size = (block_size + 1) // 2
@@ -66,11 +79,19 @@ def q4_arrays(
     packed = np.zeros((cols, k_blocks, blob_size), dtype=np.uint8)
     zero_points = np.zeros((cols, (k_blocks + 1) // 2), dtype=np.uint8)
     scales = np.zeros((cols, k_blocks), dtype=weight.dtype)
+    if pad == 0 and weight.flags.c_contiguous:
+        kernels.quantize_matmul_4bits(
+            packed, weight, scales, zero_points, block_size, cols, rows, symmetric
+        )
+        return packed, scales, zero_points
     strip = max(1, BLOCK_BYTES // max(1, weight.dtype.itemsize * (rows + pad)))
+    part = np.zeros((rows + pad, min(strip, cols)), weight.dtype)  # the padding rows stay 0
     for start in range(0, cols, strip):
         columns = slice(start, min(start + strip, cols))
-        part = np.ascontiguousarray(np.pad(weight[:, columns], ((0, pad), (0, 0)), "constant"))
-        width = part.shape[1]
+        width = columns.stop - columns.start
+        if width < part.shape[1]:  # the last strip
+            part = np.zeros((rows + pad, width), weight.dtype)
+        _strip_into(part[:rows], weight[:, columns])
         part_packed = np.zeros((width, k_blocks, blob_size), dtype=np.uint8)
         part_zero_points = np.zeros((width, (k_blocks + 1) // 2), dtype=np.uint8)
         part_scales = np.zeros((width, k_blocks), dtype=weight.dtype)
@@ -88,15 +109,38 @@ def q4_arrays(
 def bnb4_arrays(
     kernels: typing.Any, weight: np.ndarray, block_size: int, quant_type: int
 ) -> tuple[np.ndarray, ...]:
-    """Packed values and absmax: ``MatMulBnb4Quantizer.bnb4_block_quant``, which copies the
-    transpose of ``weight``; none is made where ``weight`` is already a transposed view (a tied
-    lm_head under its Transpose)."""
-    transposed = np.ascontiguousarray(weight.T)
-    rows, cols = weight.shape
+    """Packed values and absmax: ``MatMulBnb4Quantizer.bnb4_block_quant``, which gives the
+    kernel the transpose of ``weight`` (``[N, K]``), whose blocks run over its flat values.
+
+    Here one call per strip of about :data:`BLOCK_BYTES` of that transpose's rows, each a whole
+    number of blocks (so the bytes equal one call's), transposed in tiles
+    (:mod:`surgery.transpose`): no whole transposed copy, and none at all where ``weight`` is
+    already a transposed view (a tied lm_head under its Transpose)."""
+    rows, cols = weight.shape  # K, N
     numel = rows * cols
     packed = np.zeros((numel + 1) // 2, dtype=np.uint8)
     absmax = np.zeros((numel + block_size - 1) // block_size, dtype=weight.dtype)
-    kernels.quantize_matmul_bnb4(packed, transposed, absmax, block_size, quant_type, cols, rows)
+    step = block_size // math.gcd(rows, block_size)  # rows of the transpose per whole blocks
+    strip = max(step, BLOCK_BYTES // max(1, rows * weight.dtype.itemsize) // step * step)
+    stored = weight.T.flags.c_contiguous
+    buffer = None if stored else np.empty((min(strip, cols), rows), weight.dtype)
+    for start in range(0, cols, strip):
+        view = weight[:, start : start + strip].T  # [strip, K]
+        if buffer is None:
+            source = view
+        else:
+            source = buffer[: view.shape[0]]
+            transpose_into(weight[:, start : start + strip], source)
+        first, count = start * rows, view.shape[0] * rows
+        kernels.quantize_matmul_bnb4(
+            packed[first // 2 : (first + count + 1) // 2],
+            source,
+            absmax[first // block_size : (first + count + block_size - 1) // block_size],
+            block_size,
+            quant_type,
+            view.shape[0],
+            rows,
+        )
     return packed, absmax
 
 
@@ -205,10 +249,13 @@ def shared_initializers(
     source: ir.TensorProtocol,
     fn: Callable[[np.ndarray], Sequence[np.ndarray]],
     specs: Sequence[tuple[str, ir.DataType, list[int]]],
+    key: Hashable,
 ) -> list[ir.Value]:
     """One initializer of ``graph`` per ``(name, dtype, shape)`` of ``specs``, holding the arrays
-    ``fn(source)`` gives in that order, computed once for all of them when first read."""
-    group = SharedComputation(source, lambda array: fn(array)[: len(specs)])
+    ``fn(source)`` gives in that order, computed once for all of them when first read. ``key``
+    says what ``fn`` computes from ``source`` (kernel and options): another part's initializers
+    of the same source and key (q4 and q4f16) are the same bytes, which the writer copies."""
+    group = SharedComputation(source, lambda array: fn(array)[: len(specs)], key=key)
     values = []
     for index, (name, dtype, shape) in enumerate(specs):
         tensor = group.member(index, name=name, dtype=dtype, shape=ir.Shape(shape))
