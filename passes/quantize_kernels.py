@@ -20,6 +20,7 @@ start-up need not load ONNX Runtime).
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from collections.abc import Callable, Hashable, Sequence
@@ -27,9 +28,13 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto
+from onnx import helper as oh
 
 from surgery.lazy import SharedComputation
 from surgery.transpose import transpose_into
+
+if typing.TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "BLOCK_BYTES",
@@ -162,9 +167,10 @@ def q8_arrays(
     row blocks, ``compute_data_quant_params`` turns them into the scale and zero point (given the
     two-element array ``[min, max]``, whose extremes are the weight's), and ``quantize_nparray``
     quantizes one row block at a time into the result. Both steps are elementwise or exact
-    reductions, so the bytes equal one ``quantize_data`` call's. A ``weight`` that is the
-    transposed view of a stored array is read in blocks of the stored rows, not copied."""
-    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
+    reductions, so the bytes equal one ``quantize_data`` call's (the values by ONNX Runtime's
+    ``QuantizeLinear``: :func:`_quantize_rows`). A ``weight`` that is the transposed view of a
+    stored array is read in blocks of the stored rows, not copied."""
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params
 
     symmetric = qtype == TensorProto.INT8  # BaseQuantizer.is_weight_symmetric
     dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
@@ -183,7 +189,7 @@ def q8_arrays(
             np.max([stored[rows].max() for rows in blocks] or [0]),
         )
         for rows in blocks:
-            out[rows] = quantize_nparray(qtype, stored[rows], scale, zero_point)
+            _quantize_rows(qtype, stored[rows], scale, zero_point, 0, out[rows])
         return (
             values,
             np.asarray(scale, dtype=weight.dtype).reshape(()),
@@ -203,12 +209,68 @@ def q8_arrays(
     scales = np.hstack([s for _, s in channels]).astype(weight.dtype)
     for rows in blocks:
         if flip:
-            out[rows] = quantize_nparray(
-                qtype, stored[rows], scales[rows, None], zero_points[rows, None]
-            )
+            _quantize_rows(qtype, stored[rows], scales[rows], zero_points[rows], 0, out[rows])
         else:
-            out[rows] = quantize_nparray(qtype, stored[rows], scales, zero_points)
+            _quantize_rows(qtype, stored[rows], scales, zero_points, 1, out[rows])
     return values, scales, zero_points
+
+
+@functools.cache
+def _quantize_linear(qtype: int, axis: int) -> ort.InferenceSession:
+    """``QuantizeLinear(x, scale, zero_point, axis)`` on a 2-D float32 ``x``, on one thread (the
+    writer already quantizes in parallel, weight by weight)."""
+    import onnxruntime as ort
+
+    graph = oh.make_graph(
+        [oh.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["y"], axis=axis)],
+        "quantize_linear",
+        [
+            oh.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "cols"]),
+            oh.make_tensor_value_info("scale", TensorProto.FLOAT, None),
+            oh.make_tensor_value_info("zero_point", qtype, None),
+        ],
+        [oh.make_tensor_value_info("y", qtype, ["rows", "cols"])],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _quantize_rows(
+    qtype: int,
+    rows: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    axis: int,
+    out: np.ndarray,
+) -> None:
+    """``out[...] = quantize_nparray(qtype, rows, scale, zero_point)``, the scale and zero point
+    scalars or 1-D along ``axis``.
+
+    A C-contiguous float32 block goes through ONNX Runtime's ``QuantizeLinear`` instead (measured:
+    0.055 s against numpy's 0.33 s for 256 MiB, whose five whole-block passes it does in one):
+    both compute ``x / scale`` in float32, round half to even, add the zero point and saturate to
+    the type's range, so the bytes are the same (tested against ``quantize_nparray``, ties
+    included). Other blocks take ``quantize_nparray`` itself."""
+    if rows.dtype != np.float32 or not rows.flags.c_contiguous:
+        if scale.ndim == 1 and axis == 0:
+            scale, zero_point = scale[:, None], zero_point[:, None]
+        from onnxruntime.quantization.quant_utils import quantize_nparray
+
+        out[...] = quantize_nparray(qtype, rows, scale, zero_point)
+        return
+    target = out if out.flags.c_contiguous else np.empty(rows.shape, out.dtype)
+    binding = _quantize_linear(qtype, axis).io_binding()
+    binding.bind_cpu_input("x", rows)
+    binding.bind_cpu_input("scale", np.ascontiguousarray(scale, np.float32))
+    binding.bind_cpu_input("zero_point", np.ascontiguousarray(zero_point, out.dtype))
+    binding.bind_output("y", "cpu", 0, out.dtype, list(rows.shape), target.ctypes.data)
+    _quantize_linear(qtype, axis).run_with_iobinding(binding)
+    if target is not out:  # a transposed view of the result (a tied lm_head's)
+        transpose_into(target, out.T)
 
 
 #: Rows of an embedding table per call of ONNX Runtime's Gather quantizer (even, so a chunk's

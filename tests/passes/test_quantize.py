@@ -527,3 +527,39 @@ def test_q4_and_q4f16_in_one_save_quantize_each_weight_once(tmp_path: Path, firs
         for name in files:
             alone = (tmp_path / f"alone-{mode}" / name).read_bytes()
             assert (tmp_path / "together" / name).read_bytes() == alone, name
+
+
+@pytest.mark.parametrize("qtype", [TensorProto.INT8, TensorProto.UINT8], ids=["int8", "uint8"])
+def test_q8_values_by_quantize_linear_equal_quantize_nparray_ties_included(qtype: int) -> None:
+    """The 8-bit values come from ONNX Runtime's QuantizeLinear, not from the quantizer's
+    ``quantize_nparray``: the same bytes, at exact halves (rounded to even) and past the range."""
+    from onnxruntime.quantization.quant_utils import quantize_nparray
+
+    from passes.quantize_kernels import _quantize_rows
+
+    dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
+    rng = np.random.default_rng(qtype)
+    halves = (np.arange(-600, 600) + 0.5).astype(np.float32).reshape(40, 30) / 4  # ties at 1/4
+    noise = rng.standard_normal((40, 30), dtype=np.float32) * 50
+    zero_point = np.asarray(0 if qtype == TensorProto.INT8 else 128, dtype)
+    for x in (halves, noise):
+        for scale in (np.asarray(0.25, np.float32), np.asarray(0.3, np.float32)):
+            want = quantize_nparray(qtype, x, scale, zero_point)
+            for layout in ("stored", "transposed"):
+                got = (
+                    np.empty(x.shape, dtype)
+                    if layout == "stored"
+                    else np.empty(x.shape[::-1], dtype).T
+                )
+                _quantize_rows(qtype, x, scale, zero_point, 0, got)
+                assert np.ascontiguousarray(got).tobytes() == want.tobytes(), layout
+        scales = rng.uniform(0.1, 1, 30).astype(np.float32)  # per channel, along columns
+        zero_points = (
+            rng.integers(-5, 5, 30).astype(dtype)
+            if qtype == TensorProto.INT8
+            else (rng.integers(100, 150, 30).astype(dtype))
+        )
+        want = quantize_nparray(qtype, x, scales, zero_points)
+        got = np.empty(x.shape, dtype)
+        _quantize_rows(qtype, x, scales, zero_points, 1, got)
+        assert got.tobytes() == want.tobytes()
