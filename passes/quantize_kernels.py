@@ -2,20 +2,30 @@
 and the lazy initializers that share one call.
 
 Reused, not re-implemented: ONNX Runtime's C++ packing kernels (``quantize_matmul_4bits``,
-``quantize_matmul_bnb4``) and, for 8 bits, the two halves of the quantizer's own
-``quant_utils.quantize_data`` (``compute_data_quant_params`` for the scale and zero point,
-``quantize_nparray`` for the values, over row blocks: :func:`q8_arrays`), called per weight as its
-quantizers call them (same padding, transposes, shapes and dtypes), so every array is
+``quantize_matmul_bnb4``) and, for 8 bits, the quantizer's own ``compute_data_quant_params`` for
+the scale and zero point (the first half of ``quant_utils.quantize_data``), called per weight as
+its quantizers call them (same padding, transposes, shapes and dtypes), so every array is
 byte-identical to theirs. Embedding tables (``GatherBlockQuantized``) have no C++ kernel in ONNX
 Runtime: its ``MatMulNBitsQuantizer`` quantizes them in numpy
-(``DefaultWeightOnlyQuantizer.quantize_ndarray``), and so do we, with that very function. ``quantize_matmul_4bits`` on the transposed table is not a substitute: it rounds
-differently (measured: 5 of 20 random tables differ in a few nibbles, symmetric; 8 of 20
-asymmetric).
+(``DefaultWeightOnlyQuantizer.quantize_ndarray``), and so do we, with that very function.
+``quantize_matmul_4bits`` on the transposed table is not a substitute: it rounds differently
+(measured: 5 of 20 random tables differ in a few nibbles, symmetric; 8 of 20 asymmetric).
+
+Where this departs from the quantizers' own calls, for speed and memory, the bytes unchanged
+(each tested against them): the 8-bit values come from ONNX Runtime's ``QuantizeLinear`` in a
+one-node session over row blocks, not from ``quantize_nparray`` (the same arithmetic in one pass
+instead of five, :func:`q8_arrays`); ``bnb4`` runs its kernel on strips of whole blocks
+transposed in tiles, and ``q4`` on the weight itself where nothing needs padding, instead of on
+whole transposed or padded copies (:func:`bnb4_arrays`, :func:`q4_arrays`). The kernels hold
+Python's GIL while they run (``onnxruntime_pybind_quant.cc`` releases it nowhere; each call makes
+its own intra-op thread pool), so the writer's threads overlap them with writing, not with each
+other.
 
 Each weight's arrays are computed once by a :class:`surgery.lazy.SharedComputation` when the
 writer reaches the first of its initializers (:func:`shared_initializers`), and let go after the
-last. The kernels are passed in by the caller (:func:`ort_kernels` imports them late: CLI
-start-up need not load ONNX Runtime).
+last; its key (kernel and options) lets the writer copy the bytes of a second variant computing
+the same (q4f16 after q4) instead of quantizing again. The kernels are passed in by the caller
+(:func:`ort_kernels` imports them late: CLI start-up need not load ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -263,12 +273,13 @@ def _quantize_rows(
         out[...] = quantize_nparray(qtype, rows, scale, zero_point)
         return
     target = out if out.flags.c_contiguous else np.empty(rows.shape, out.dtype)
-    binding = _quantize_linear(qtype, axis).io_binding()
+    session = _quantize_linear(qtype, axis)  # once: two threads' first calls may make two
+    binding = session.io_binding()
     binding.bind_cpu_input("x", rows)
     binding.bind_cpu_input("scale", np.ascontiguousarray(scale, np.float32))
     binding.bind_cpu_input("zero_point", np.ascontiguousarray(zero_point, out.dtype))
     binding.bind_output("y", "cpu", 0, out.dtype, list(rows.shape), target.ctypes.data)
-    _quantize_linear(qtype, axis).run_with_iobinding(binding)
+    session.run_with_iobinding(binding)
     if target is not out:  # a transposed view of the result (a tied lm_head's)
         transpose_into(target, out.T)
 
