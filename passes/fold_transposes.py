@@ -5,9 +5,10 @@
 memory*: onnxscript's ``FoldConstantsPass`` folds a Transpose of a large initializer when that
 initializer has no other reader, which for a 3B model means about 10 GB of anonymous memory at
 export time. Here the fold is lazy instead: the new initializer is an ``onnx_ir.LazyTensor`` that
-transposes the source when the writer reaches it, one tensor at a time, so the graph is the folded
-one and memory stays bounded. A weight with other readers (a tied embedding read by ``Gather``)
-is left alone: folding it would store it twice.
+transposes the source when the writer reaches it, one tensor at a time (a matrix in strips:
+:class:`surgery.lazy.TransposedTensor`), so the graph is the folded one and memory stays bounded.
+A weight with other readers (a tied embedding read by ``Gather``) is left alone: folding it would
+store it twice.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from surgery.lazy import DerivedTensor
+from surgery.lazy import DerivedTensor, TransposedTensor
 from surgery.pass_infra import ModelPass, PassOptions
 from surgery.registry import register
 
@@ -35,6 +36,8 @@ class _Options(PassOptions):
 
 
 def _transposed(source: ir.TensorProtocol, perm: list[int], name: str) -> ir.LazyTensor:
+    if perm == [1, 0] and source.dtype.bitwidth >= 8:  # a matrix: streamed, in tiles
+        return TransposedTensor(source, name=name)
     dims = source.shape.numpy()
     return DerivedTensor(
         source,

@@ -309,7 +309,9 @@ class _EightBit:
     ) -> list[ir.Value]:
         """``<name>_quantized``, ``_scale`` and ``_zero_point`` of ``view(source)`` (of ``shape``),
         as ``ONNXQuantizer.quantize_initializer`` (per tensor) or ``quantize_weight_per_channel``
-        (axis -1) writes them, computed lazily in row blocks."""
+        (axis -1) writes them, computed lazily in row blocks. The same source, name, shape and
+        options give the same bytes in every part (the name says which view: a transposed weight
+        is named after its fold), so the writer may copy them from one part to another."""
         itype = ir.DataType(qtype)
         params = [shape[-1]] if per_channel else []
         specs = [
@@ -318,7 +320,8 @@ class _EightBit:
             (f"{name}_zero_point", itype, params),
         ]
         fn = lambda stored: q8_arrays(view(stored), qtype, per_channel, reduce_range)  # noqa: E731
-        return shared_initializers(self.graph, source, fn, specs)
+        key = ("8-bit", qtype, per_channel, reduce_range, name, tuple(shape))
+        return shared_initializers(self.graph, source, fn, specs, key)
 
     def activation(self, anchor: ir.Node, value: ir.Value) -> list[ir.Value]:
         """``value`` quantized, its scale and zero point: a quantized Gather's output as it is
@@ -642,7 +645,8 @@ class Quantize(ModelPass[QuantizeOptions]):
                 if not symmetric:
                     specs.append((f"{table.name}_zero_points", itype, [rows, k_blocks]))
                 fn = lambda array: gather_q4_arrays(array, block, symmetric)  # noqa: E731
-                quantized[table] = shared_initializers(graph, tensor, fn, specs)
+                key = ("gather-q4", block, symmetric)
+                quantized[table] = shared_initializers(graph, tensor, fn, specs, key)
             data, scales, *zero_points = quantized[table]
             (result,) = _node(
                 graph,
@@ -702,6 +706,7 @@ class Quantize(ModelPass[QuantizeOptions]):
             block, symmetric = options.block, options.symmetric
             k_blocks = -(-k // block)
             fn = lambda array: q4_arrays(_kernels(), array, block, symmetric)  # noqa: E731
+            fn_key: tuple[object, ...] = ("q4", block, symmetric)
             specs = [
                 (f"{w}_Q4", ir.DataType.UINT8, [n, k_blocks, (block + 1) // 2]),
                 (f"{w}_scales", dtype, [n, k_blocks]),
@@ -711,6 +716,7 @@ class Quantize(ModelPass[QuantizeOptions]):
         elif options.mode == "bnb4":
             block, kind = options.block, 1 if options.quant_type == "nf4" else 0
             fn = lambda array: bnb4_arrays(_kernels(), array, block, kind)  # noqa: E731
+            fn_key = ("bnb4", block, kind)
             specs = [
                 (f"{w}_Bnb4", ir.DataType.UINT8, [(k * n + 1) // 2]),
                 (f"{w}_absmax", dtype, [-(-(k * n) // block)]),
@@ -726,8 +732,9 @@ class Quantize(ModelPass[QuantizeOptions]):
                 options.reduce_range,
                 weight.matrix,
             )
+        key = (fn_key, weight.transpose is not None)  # the arrays, given the stored weight
         return shared_initializers(
-            graph, weight.stored, lambda stored: fn(weight.matrix(stored)), specs
+            graph, weight.stored, lambda stored: fn(weight.matrix(stored)), specs, key
         )
 
     def _q8_type(self, graph: ir.Graph) -> int:

@@ -20,28 +20,47 @@ scales and zero points. :class:`SharedComputation` runs such a computation once 
 :class:`SharedTensor` members and lets go of each member's array as soon as that member has
 been read, so after the last member is written nothing is held. The writer reaches the members
 one after the other (they are declared together); its threads computing ahead may ask for two
-members at once, so the computation runs under a lock.
+members at once, so the computation runs under a lock. Groups given a ``key`` (what they compute)
+name their members' bytes (:func:`content_key`): q4 and q4f16 variants of one weight quantize it
+alike, so the writer copies the bytes the first wrote for the second, file to file, and computes
+a tensor derived from them (q4f16's fp16 scales) from those bytes (:func:`reuse_written`): one
+quantization per weight and save, not one per variant.
 
 Some tensors are computed from several: :class:`ConcatenatedTensor` is the concatenation of its
 sources along one axis (the fused Q/K/V weight of :mod:`passes.fuse_projections`), read from
 the sources when written.
+
+:class:`TransposedTensor` (the weights :mod:`passes.fold_transposes` folds) streams itself: its
+``tofile`` transposes a strip of :data:`STRIP_BYTES` at a time (in tiles, :mod:`surgery.transpose`),
+so a tied 1.1 GiB ``lm_head`` is never held transposed whole (measured on it: 8.4 s with numpy's
+whole transposed copy, which was also the largest allocation of a quantize run).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from surgery.transpose import transpose_into, transposed
+
 __all__ = [
+    "STRIP_BYTES",
     "ConcatenatedTensor",
     "DerivedTensor",
     "SharedComputation",
     "SharedTensor",
+    "TransposedTensor",
     "computed_whole_when_written",
+    "content_key",
+    "reuse_written",
 ]
+
+#: Bytes of a :class:`TransposedTensor` transposed and written per step.
+STRIP_BYTES = 32 << 20
 
 
 class DerivedTensor(ir.LazyTensor):
@@ -55,7 +74,7 @@ class DerivedTensor(ir.LazyTensor):
         shape: The result's shape (default: the source's).
     """
 
-    __slots__ = ("_fn", "source")
+    __slots__ = ("fn", "source")
 
     def __init__(
         self,
@@ -71,10 +90,10 @@ class DerivedTensor(ir.LazyTensor):
             shape = ir.Shape(source.shape.numpy())
         super().__init__(self._compute, dtype=dtype, shape=shape, name=name)
         self.source = source
-        self._fn = fn
+        self.fn = fn
 
     def _compute(self) -> ir.TensorProtocol:
-        return ir.Tensor(self._fn(self.source.numpy()), dtype=self.dtype, name=self.name)
+        return ir.Tensor(self.fn(self.source.numpy()), dtype=self.dtype, name=self.name)
 
 
 class ConcatenatedTensor(ir.LazyTensor):
@@ -108,6 +127,44 @@ class ConcatenatedTensor(ir.LazyTensor):
 _SOURCE_LOCK = threading.Lock()
 
 
+def _read(source: ir.TensorProtocol) -> np.ndarray:
+    """``source.numpy()`` under :data:`_SOURCE_LOCK`."""
+    with _SOURCE_LOCK:
+        return source.numpy()
+
+
+class TransposedTensor(ir.LazyTensor):
+    """The transpose of a 2-D tensor of whole bytes: written strip by strip, whole from ``numpy``.
+
+    Args:
+        source: The ``[rows, cols]`` tensor (memory-mapped, lazy, or in memory).
+        name: The tensor's name.
+    """
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: ir.TensorProtocol, *, name: str) -> None:
+        if len(source.shape) != 2 or source.dtype.bitwidth < 8:
+            raise ValueError(f"{name}: expected a 2-D tensor of whole bytes, got {source!r}")
+        rows, cols = (int(d) for d in source.shape.numpy())
+        super().__init__(self._compute, dtype=source.dtype, shape=ir.Shape([cols, rows]), name=name)
+        self.source = source
+
+    def _compute(self) -> ir.TensorProtocol:
+        return ir.Tensor(transposed(_read(self.source)), dtype=self.dtype, name=self.name)
+
+    def tofile(self, file: typing.Any) -> None:
+        """Write the transposed bytes a strip of :data:`STRIP_BYTES` of rows at a time."""
+        array = _read(self.source)
+        rows, cols = array.shape
+        strip = max(1, STRIP_BYTES // max(1, rows * array.itemsize))
+        buffer = np.empty((min(strip, cols), rows), array.dtype)
+        for start in range(0, cols, strip):
+            part = array[:, start : start + strip]
+            out = transpose_into(part, buffer[: part.shape[1]])
+            ir.Tensor(out, dtype=self.dtype).tofile(file)
+
+
 class SharedComputation:
     """``fn(source.numpy())``, a sequence of arrays, computed once for the tensors that hold them.
 
@@ -118,15 +175,24 @@ class SharedComputation:
     Args:
         source: The tensor the arrays are computed from.
         fn: The function of the source's array; it returns one array per member.
+        key: What ``fn`` computes, apart from its source (say, the kernel and its options), or
+            None: groups with the same ``source`` object and ``key`` give the same arrays, so a
+            member's bytes written once may be copied for the other's (:func:`reuse_written`).
     """
 
     def __init__(
-        self, source: ir.TensorProtocol, fn: Callable[[np.ndarray], Sequence[np.ndarray]]
+        self,
+        source: ir.TensorProtocol,
+        fn: Callable[[np.ndarray], Sequence[np.ndarray]],
+        *,
+        key: Hashable | None = None,
     ) -> None:
         self.source = source
+        self.key = key
         self._fn = fn
         self._lock = threading.Lock()
         self._arrays: list[np.ndarray | None] | None = None
+        self._skipped: set[int] = set()
         #: How many times the arrays were computed (one per save when each member is read once).
         self.computations = 0
 
@@ -136,26 +202,36 @@ class SharedComputation:
         arrays = self._arrays
         return sum(a.nbytes for a in arrays if a is not None) if arrays is not None else 0
 
-    def member(
-        self, index: int, *, name: str, dtype: ir.DataType, shape: ir.Shape
-    ) -> SharedTensor:
+    def member(self, index: int, *, name: str, dtype: ir.DataType, shape: ir.Shape) -> SharedTensor:
         """The lazy tensor holding array ``index`` of the result."""
         return SharedTensor(self, index, name=name, dtype=dtype, shape=shape)
 
     def take(self, index: int) -> np.ndarray:
         """Array ``index``, computing the group if needed; the group lets go of it."""
         with self._lock:
+            self._skipped.discard(index)
             if self._arrays is None or self._arrays[index] is None:
-                with _SOURCE_LOCK:  # onnx_ir maps an external tensor on first read, unlocked
-                    source = self.source.numpy()
-                self._arrays = list(self._fn(source))
+                self._arrays = list(self._fn(_read(self.source)))
                 self.computations += 1
             array = self._arrays[index]
             assert array is not None
-            self._arrays[index] = None
-            if all(a is None for a in self._arrays):
-                self._arrays = None
+            self._drop([index, *self._skipped])
             return array
+
+    def skip(self, index: int) -> None:
+        """Member ``index`` will not be read (its bytes come from elsewhere): hold no array for it
+        (until it is read after all)."""
+        with self._lock:
+            self._skipped.add(index)
+            self._drop([index])
+
+    def _drop(self, indices: Iterable[int]) -> None:
+        if self._arrays is None:
+            return
+        for index in indices:
+            self._arrays[index] = None
+        if all(a is None for a in self._arrays):
+            self._arrays = None
 
 
 class SharedTensor(ir.LazyTensor):
@@ -176,6 +252,12 @@ class SharedTensor(ir.LazyTensor):
         self.group = group
         self.index = index
 
+    @property
+    def content_key(self) -> Hashable | None:
+        """Equal for members giving the same bytes (see :class:`SharedComputation`'s ``key``)."""
+        group = self.group
+        return None if group.key is None else (id(group.source), group.key, self.index)
+
     def _compute(self) -> ir.TensorProtocol:
         array = self.group.take(self.index)
         if self.dtype.bitwidth < 8:  # sub-byte types (int4): the array holds the packed bytes
@@ -186,3 +268,34 @@ class SharedTensor(ir.LazyTensor):
 def computed_whole_when_written(tensor: ir.TensorProtocol) -> bool:
     """Whether writing ``tensor`` evaluates all of it at once (a lazy tensor not streaming itself)."""
     return isinstance(tensor, ir.LazyTensor) and type(tensor).tofile is ir.LazyTensor.tofile
+
+
+def content_key(tensor: ir.TensorProtocol) -> Hashable | None:
+    """A hashable naming ``tensor``'s bytes where other tensors may have the same (a member of a
+    keyed :class:`SharedComputation`), else None."""
+    return tensor.content_key if isinstance(tensor, SharedTensor) else None
+
+
+def reuse_written(
+    tensor: ir.TensorProtocol, written: Mapping[Hashable, ir.TensorProtocol]
+) -> ir.TensorProtocol:
+    """What to write for ``tensor`` given ``written`` (content key → those bytes, already
+    written): the written bytes themselves for a :class:`SharedTensor` whose content was written
+    before, a :class:`DerivedTensor` computed from them for one derived from such a tensor, else
+    ``tensor``. The group of the member not read is told so (:meth:`SharedComputation.skip`)."""
+    key = content_key(tensor)
+    if isinstance(tensor, SharedTensor) and key in written:
+        tensor.group.skip(tensor.index)
+        return written[key]
+    if isinstance(tensor, DerivedTensor):
+        source, key = tensor.source, content_key(tensor.source)
+        if isinstance(source, SharedTensor) and key in written:
+            source.group.skip(source.index)
+            return DerivedTensor(
+                written[key],
+                tensor.fn,
+                name=tensor.name or "",
+                dtype=tensor.dtype,
+                shape=ir.Shape(tensor.shape.numpy()),
+            )
+    return tensor

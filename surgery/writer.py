@@ -1,12 +1,20 @@
 """Write bundles to disk: one tensor at a time, into named data chunks, atomically.
 
 Departs from ``onnx_ir.save`` (which the rest of the project uses for reading and for its
-tensor classes) in one place: chunk naming. ``onnx_ir`` names shards ``name-00001-of-00003.data``;
-Transformers.js loads exactly ``<file>.onnx_data``, ``<file>.onnx_data_1``, … and counts them in
-``config.json``. So the writer here plans the chunks itself (declaration order, each at or under
-the layout's limit, large tensors aligned for memory mapping), streams each tensor with the
-tensor's own ``tofile`` (``copy_file_range`` for tensors still on disk, one computed tensor at a
-time for lazy ones), then serializes the graph with the tensors pointing at their chunks.
+tensor classes) in chunk naming, and for speed in the two ways said last. ``onnx_ir`` names shards
+``name-00001-of-00003.data``; Transformers.js loads exactly ``<file>.onnx_data``,
+``<file>.onnx_data_1``, … and counts them in ``config.json``. So the writer here plans the chunks
+itself (declaration order, each at or under the layout's limit, large tensors aligned for memory
+mapping), streams each tensor with the tensor's own ``tofile`` (``copy_file_range`` for tensors
+still on disk, one computed tensor at a time for lazy ones), then serializes the graph with the
+tensors pointing at their chunks. Within one save, a tensor whose bytes an earlier part already
+wrote (the same quantization of the same weight in two variants:
+:func:`surgery.lazy.reuse_written`) is copied from that part's chunk, ``copy_file_range`` again,
+instead of being computed a second time. A finished chunk is handed to the disk at once and left
+out of the page cache once written (``POSIX_FADV_DONTNEED``): writing several dtypes reads the
+source weights once per dtype, and the written chunks otherwise push them out of the cache
+(measured on the 1.32B bench model, 18 GiB written from 4.9 GiB: 80.2 and 75.0 s without, 64.8 and
+63.8 s with, alternating runs).
 
 Layouts decide where parts and chunks go (:mod:`surgery.layout`; the Transformers.js layout is in
 :mod:`surgery.transformersjs`).
@@ -20,7 +28,7 @@ import dataclasses
 import functools
 import os
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +39,7 @@ from surgery.bundle import Bundle
 from surgery.constants import INLINE_LIMIT_BYTES
 from surgery.errors import SurgeryError
 from surgery.layout import Layout, get_layout
-from surgery.lazy import computed_whole_when_written
+from surgery.lazy import computed_whole_when_written, content_key, reuse_written
 from surgery.progress import bar as progress_bar
 from surgery.summary import format_bytes
 from surgery.tensors import tensor_slots
@@ -80,12 +88,17 @@ def _align(offset: int, nbytes: int) -> int:
     return -(-offset // step) * step
 
 
+#: Content key → an external tensor holding those bytes, written earlier in the same save.
+Written = dict[Hashable, ir.ExternalTensor]
+
+
 @dataclasses.dataclass
 class _Placement:
     value: ir.Value
-    tensor: ir.TensorProtocol
+    tensor: ir.TensorProtocol  # the value's tensor
     chunk: int
     offset: int
+    source: ir.TensorProtocol  # what gives its bytes: the tensor, or bytes already written
 
 
 def _plan(values: list[ir.Value], max_chunk_bytes: int | None, where: str) -> list[_Placement]:
@@ -102,7 +115,7 @@ def _plan(values: list[ir.Value], max_chunk_bytes: int | None, where: str) -> li
         offset = _align(end, tensor.nbytes)
         if max_chunk_bytes is not None and offset + tensor.nbytes > max_chunk_bytes and end > 0:
             chunk, offset = chunk + 1, 0
-        placements.append(_Placement(value, tensor, chunk, offset))
+        placements.append(_Placement(value, tensor, chunk, offset, tensor))
         end = offset + tensor.nbytes
     return placements
 
@@ -115,6 +128,15 @@ def _write_tensor(tensor: ir.TensorProtocol, file: typing.BinaryIO) -> None:
         tensor.tofile(file)  # ExternalTensor: copy_file_range; in memory: no extra copy
     else:
         file.write(tensor.tobytes())
+
+
+def _write_back(file: typing.BinaryIO) -> None:
+    """Start writing a finished chunk to disk and let the page cache drop it once written
+    (``POSIX_FADV_DONTNEED``; where the platform has it). Writing every dtype rereads the source
+    weights once per variant; without this, the written chunks crowd them out of the page cache."""
+    if hasattr(os, "posix_fadvise"):
+        file.flush()
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _computed_ahead(
@@ -146,8 +168,8 @@ def _computed_ahead(
                 if placement is None:
                     exhausted = True
                     break
-                if computed_whole_when_written(placement.tensor):
-                    waiting.append((placement, pool.submit(compute, placement.tensor)))
+                if computed_whole_when_written(placement.source):
+                    waiting.append((placement, pool.submit(compute, placement.source)))
                     waiting_bytes += placement.tensor.nbytes
                 else:
                     waiting.append((placement, None))
@@ -164,6 +186,21 @@ def _computed_ahead(
             del computed  # freed before the next tensor is computed (the caller lets go too)
 
 
+def _external(
+    placement: _Placement, data_name: Callable[[int], str], folder: Path
+) -> ir.ExternalTensor:
+    """The placed tensor as written: an external tensor in its chunk file."""
+    return ir.ExternalTensor(
+        data_name(placement.chunk),
+        placement.offset,
+        placement.tensor.nbytes,
+        placement.tensor.dtype,
+        shape=typing.cast(ir.Shape, placement.tensor.shape),
+        name=placement.value.name or "",
+        base_dir=folder,
+    )
+
+
 def write_model(
     model: ir.Model,
     path: Path,
@@ -171,6 +208,7 @@ def write_model(
     *,
     max_chunk_bytes: int | None = None,
     progress: ProgressCallback | None = None,
+    written: Written | None = None,
 ) -> list[str]:
     """Write ``model`` to ``path`` with its large tensors in chunk files beside it.
 
@@ -180,6 +218,10 @@ def write_model(
         data_name: Chunk index → chunk file name (relative to ``path``'s folder).
         max_chunk_bytes: Each chunk file stays at or under this size (None: one chunk).
         progress: Called after each tensor is written.
+        written: Bytes written before in the same save, by content
+            (:func:`surgery.lazy.reuse_written`): tensors of the same content are copied from
+            there instead of computed; this model's tensors of known content are added once its
+            files are closed.
 
     Returns:
         The chunk file names written, in order (empty if every tensor is inline).
@@ -187,6 +229,9 @@ def write_model(
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     placements = _plan(list(_external_values(model)), max_chunk_bytes, str(path.name))
+    if written is not None:
+        for placement in placements:
+            placement.source = reuse_written(placement.tensor, written)
     chunks = sorted({p.chunk for p in placements})
     replaced: list[tuple[Callable[[ir.TensorProtocol], None], ir.TensorProtocol]] = []
     try:
@@ -197,7 +242,7 @@ def write_model(
                     files[placement.chunk] = open(folder / data_name(placement.chunk), "wb")  # noqa: SIM115
                 data = files[placement.chunk]
                 data.seek(placement.offset)
-                _write_tensor(computed if computed is not None else placement.tensor, data)
+                _write_tensor(computed if computed is not None else placement.source, data)
                 del computed  # or it stays alive while the next one is computed
                 if data.tell() - placement.offset != placement.tensor.nbytes:  # last guard
                     raise SurgeryError(
@@ -209,7 +254,13 @@ def write_model(
                     progress(placement.tensor)
         finally:
             for data in files.values():
+                _write_back(data)
                 data.close()
+        if written is not None:
+            for placement in placements:
+                key = content_key(placement.tensor)
+                if key is not None and key not in written:
+                    written[key] = _external(placement, data_name, folder)
         # Other external tensors (small initializers, attributes) become inline, as on any
         # save: the output's data files hold only the placed ones.
         placed = {id(p.tensor) for p in placements}
@@ -221,15 +272,7 @@ def write_model(
             replaced.append(
                 (functools.partial(setattr, placement.value, "const_value"), placement.tensor)
             )
-            placement.value.const_value = ir.ExternalTensor(
-                data_name(placement.chunk),
-                placement.offset,
-                placement.tensor.nbytes,
-                placement.tensor.dtype,
-                shape=typing.cast(ir.Shape, placement.tensor.shape),
-                name=placement.value.name or "",
-                base_dir=folder,
-            )
+            placement.value.const_value = _external(placement, data_name, folder)
         ir.save(model, path)
     finally:
         for replace, tensor in reversed(replaced):
@@ -263,6 +306,7 @@ def save(
         progress_bar(total=total, desc="writing weights", enabled=progress) as bar,
     ):
         chunks: dict[str, list[str]] = {}
+        written: Written = {}
         for part, model in bundle.items():
             bar.set_postfix_str(part)
             chunks[part] = write_model(
@@ -271,6 +315,7 @@ def save(
                 lambda chunk, part=part: layout.data_file(part, chunk),  # type: ignore[misc]
                 max_chunk_bytes=layout.max_chunk_bytes,
                 progress=lambda tensor: bar.update(tensor.nbytes),
+                written=written,
             )
         layout.finish(tmp, bundle, chunks)
     return Path(out_dir)

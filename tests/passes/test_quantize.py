@@ -429,9 +429,10 @@ def test_q8_temporaries_are_bounded_by_the_row_block(per_channel: bool, transpos
     assert peak - values.nbytes < 3 * BLOCK_BYTES
 
 
+@pytest.mark.parametrize("rows", [45, 64], ids=["padded", "whole_blocks"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 def test_q4_column_strips_equal_onnx_runtime_byte_for_byte(
-    monkeypatch: pytest.MonkeyPatch, symmetric: bool
+    monkeypatch: pytest.MonkeyPatch, symmetric: bool, rows: int
 ) -> None:
     from onnxruntime.capi import _pybind_state
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -440,11 +441,15 @@ def test_q4_column_strips_equal_onnx_runtime_byte_for_byte(
     )
 
     from passes import quantize_kernels
+    from surgery import transpose
 
     # K = 45 rows padded to 64 (block 32): 64 * 4 bytes a column, 3 columns a strip, 37 columns
-    # end in a ragged strip of 1.
+    # end in a ragged strip of 1. K = 64 needs no padding: stored, the weight goes to the kernel
+    # whole and uncopied; transposed, in strips copied tile by tile.
     monkeypatch.setattr(quantize_kernels, "BLOCK_BYTES", 3 * 64 * 4)
-    weight = np.random.default_rng(symmetric).standard_normal((45, 37), dtype=np.float32)
+    monkeypatch.setattr(transpose, "TILE_ROWS", 2)  # several tiles per strip
+    monkeypatch.setattr(transpose, "TILE_COLS", 16)
+    weight = np.random.default_rng(symmetric).standard_normal((rows, 37), dtype=np.float32)
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(32, symmetric))
     theirs = quantizer.qbits_block_quant(weight)
     for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
@@ -603,3 +608,113 @@ def test_eight_bit_block_lists_leave_convs_and_gathers_float(tmp_path: Path) -> 
         assert (pass_.statistics["conv"], pass_.statistics["gather"]) == (conv, gather), options
         assert sum(n.op_type == "Conv" for n in model.graph) == 2 - conv
         assert sum(n.op_type == "DequantizeLinear" for n in model.graph) == dequantize
+
+
+@pytest.mark.parametrize("quant_type", [0, 1], ids=["fp4", "nf4"])
+@pytest.mark.parametrize("rows", [45, 48, 64])
+def test_bnb4_strips_equal_onnx_runtime_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch, rows: int, quant_type: int
+) -> None:
+    """Strips of the transposed weight, each a whole number of 64-value blocks (K = 45: 64 rows
+    a step, the flat blocks crossing rows; K = 48: 4 rows; K = 64: 1), the last one ragged and
+    ending in a partial block where K * N is not a multiple of 64."""
+    from onnxruntime.capi import _pybind_state
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    from passes import quantize_kernels
+    from surgery import transpose
+
+    monkeypatch.setattr(quantize_kernels, "BLOCK_BYTES", 8 * rows * 4)  # 8 columns a strip
+    monkeypatch.setattr(transpose, "TILE_ROWS", 5)
+    monkeypatch.setattr(transpose, "TILE_COLS", 3)
+    weight = np.random.default_rng(rows).standard_normal((rows, 151), dtype=np.float32)
+    quantizer = MatMulBnb4Quantizer(onnx.ModelProto(), quant_type, 64)
+    theirs = quantizer.bnb4_block_quant(weight)
+    for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
+        ours = quantize_kernels.bnb4_arrays(_pybind_state, view, 64, quant_type)
+        for got, want in zip(ours, theirs, strict=True):
+            assert (got.shape, got.dtype) == (want.shape, want.dtype), layout
+            assert got.tobytes() == want.tobytes(), layout
+
+
+@pytest.mark.parametrize("first", ["q4", "q4f16"])
+def test_q4_and_q4f16_in_one_save_quantize_each_weight_once(tmp_path: Path, first: str) -> None:
+    """q4 and q4f16 quantize each weight alike. Saved together (sharing source tensors, as
+    copy-parts parts do), the later variant's packed weights are copied from the earlier one's
+    chunk and, after q4, q4f16's fp16 scales are converted from q4's written scales: no second
+    quantization, nothing left held, and every file equal to saving each variant alone. (Scales
+    here are over the 1 KiB inline limit: an inline tensor is serialized with the graph, from its
+    group, not copied; the tiny PaliGemma of ``tests/test_quantize_anchor.py`` has both kinds and a
+    tied lm_head.)"""
+    from passes.fp16 import Fp16
+    from surgery.bundle import Bundle
+    from surgery.cloning import clone_model
+
+    path = _chain(tmp_path, 3)
+    source = load_model(path)
+    order = [first, "q4f16" if first == "q4" else "q4"]
+
+    def variant(model: ir.Model, mode: str) -> ir.Model:
+        ir.passes.common.ShapeInferencePass()(model)  # fp16 wants every value typed
+        assert Quantize(mode=mode)(model).modified
+        if mode == "q4f16":
+            assert Fp16()(model).modified
+        return model
+
+    for mode in order:  # alone: each its own save, from its own load
+        writer.save(
+            Bundle({mode: variant(load_model(path), mode)}),
+            tmp_path / f"alone-{mode}",
+            progress=False,
+        )
+    together = Bundle({mode: variant(clone_model(source), mode) for mode in order})
+    groups = {mode: _groups(model) for mode, model in together.items()}
+    writer.save(together, tmp_path / "together", progress=False)
+
+    assert all(g.computations == 1 for g in groups[first])
+    # q4f16 after q4 quantizes nothing; q4 after q4f16 computes its float32 scales (q4f16 wrote
+    # fp16 ones), but copies its packed weights.
+    assert all(g.computations == (1 if first == "q4f16" else 0) for g in groups[order[1]])
+    assert all(g.held_bytes == 0 for gs in groups.values() for g in gs), "nothing is held"
+    for mode in order:
+        files = sorted(p.name for p in (tmp_path / f"alone-{mode}").iterdir())
+        assert files == [f"{mode}.onnx", f"{mode}.onnx.data"]
+        for name in files:
+            alone = (tmp_path / f"alone-{mode}" / name).read_bytes()
+            assert (tmp_path / "together" / name).read_bytes() == alone, name
+
+
+@pytest.mark.parametrize("qtype", [TensorProto.INT8, TensorProto.UINT8], ids=["int8", "uint8"])
+def test_q8_values_by_quantize_linear_equal_quantize_nparray_ties_included(qtype: int) -> None:
+    """The 8-bit values come from ONNX Runtime's QuantizeLinear, not from the quantizer's
+    ``quantize_nparray``: the same bytes, at exact halves (rounded to even) and past the range."""
+    from onnxruntime.quantization.quant_utils import quantize_nparray
+
+    from passes.quantize_kernels import _quantize_rows
+
+    dtype = np.int8 if qtype == TensorProto.INT8 else np.uint8
+    rng = np.random.default_rng(qtype)
+    halves = (np.arange(-600, 600) + 0.5).astype(np.float32).reshape(40, 30) / 4  # ties at 1/4
+    noise = rng.standard_normal((40, 30), dtype=np.float32) * 50
+    zero_point = np.asarray(0 if qtype == TensorProto.INT8 else 128, dtype)
+    for x in (halves, noise):
+        for scale in (np.asarray(0.25, np.float32), np.asarray(0.3, np.float32)):
+            want = quantize_nparray(qtype, x, scale, zero_point)
+            for layout in ("stored", "transposed"):
+                got = (
+                    np.empty(x.shape, dtype)
+                    if layout == "stored"
+                    else np.empty(x.shape[::-1], dtype).T
+                )
+                _quantize_rows(qtype, x, scale, zero_point, 0, got)
+                assert np.ascontiguousarray(got).tobytes() == want.tobytes(), layout
+        scales = rng.uniform(0.1, 1, 30).astype(np.float32)  # per channel, along columns
+        zero_points = (
+            rng.integers(-5, 5, 30).astype(dtype)
+            if qtype == TensorProto.INT8
+            else (rng.integers(100, 150, 30).astype(dtype))
+        )
+        want = quantize_nparray(qtype, x, scales, zero_points)
+        got = np.empty(x.shape, dtype)
+        _quantize_rows(qtype, x, scales, zero_points, 1, got)
+        assert got.tobytes() == want.tobytes()
