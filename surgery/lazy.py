@@ -63,7 +63,18 @@ __all__ = [
 STRIP_BYTES = 32 << 20
 
 
-class DerivedTensor(ir.LazyTensor):
+class _Lazy(ir.LazyTensor):
+    """A ``LazyTensor`` whose function is a method of its own: ``onnx_ir``'s ``repr`` shows the
+    function, and a bound method's ``repr`` shows the tensor again (endless recursion), so this
+    one shows the type, name, dtype and shape."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype}, shape={self.shape})"
+
+
+class DerivedTensor(_Lazy):
     """``fn(source.numpy())`` as a tensor, computed each time its bytes are read.
 
     Args:
@@ -96,7 +107,7 @@ class DerivedTensor(ir.LazyTensor):
         return ir.Tensor(self.fn(self.source.numpy()), dtype=self.dtype, name=self.name)
 
 
-class ConcatenatedTensor(ir.LazyTensor):
+class ConcatenatedTensor(_Lazy):
     """The concatenation of ``sources`` along ``axis``, computed each time its bytes are read.
 
     Args:
@@ -133,7 +144,7 @@ def _read(source: ir.TensorProtocol) -> np.ndarray:
         return source.numpy()
 
 
-class TransposedTensor(ir.LazyTensor):
+class TransposedTensor(_Lazy):
     """The transpose of a 2-D tensor of whole bytes: written strip by strip, whole from ``numpy``.
 
     Args:
@@ -234,7 +245,7 @@ class SharedComputation:
             self._arrays = None
 
 
-class SharedTensor(ir.LazyTensor):
+class SharedTensor(_Lazy):
     """One array of a :class:`SharedComputation`, as a lazy tensor."""
 
     __slots__ = ("group", "index")

@@ -14,7 +14,13 @@ import pytest
 from _util import run_onnx
 
 from surgery import SurgeryError, load, writer
-from surgery.lazy import DerivedTensor, computed_whole_when_written
+from surgery.lazy import (
+    ConcatenatedTensor,
+    DerivedTensor,
+    SharedComputation,
+    TransposedTensor,
+    computed_whole_when_written,
+)
 from surgery.synthetic import write_synthetic_model
 from surgery.transformersjs import TransformersJsLayout
 from surgery.writer import LARGE_ALIGNMENT, write_model
@@ -164,3 +170,19 @@ def test_lazy_tensor_subclasses_are_computed_ahead_unless_they_stream_themselves
     np.testing.assert_array_equal(
         onnx.numpy_helper.to_array(written[derived.name], str(out.parent)), expected
     )
+
+
+def test_lazy_tensors_have_a_finite_repr() -> None:
+    """Printing a model holding lazy tensors works: onnx_ir's ``LazyTensor`` repr shows its
+    function, a bound method of the tensor, whose repr showed the tensor again, without end."""
+    source = ir.Tensor(np.arange(6, dtype=np.float32).reshape(2, 3), name="w")
+    group = SharedComputation(source, lambda a: [a, a.max()], key="max")
+    tensors = [
+        DerivedTensor(source, lambda a: a * 2, name="doubled"),
+        ConcatenatedTensor([source, source], axis=0, name="joined"),
+        TransposedTensor(source, name="w_t"),
+        group.member(1, name="w_max", dtype=ir.DataType.FLOAT, shape=ir.Shape([])),
+    ]
+    for tensor in tensors:
+        assert repr(ir.Value(name=tensor.name, const_value=tensor)).count(tensor.name) >= 1
+    assert repr(tensors[2]) == "TransposedTensor(name='w_t', dtype=FLOAT, shape=[3,2])"
