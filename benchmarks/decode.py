@@ -56,6 +56,10 @@ import numpy as np
 import yaml
 
 THREADS = 2
+#: Idle seconds before each timed step. ONNX Runtime's workers (ours and onnxruntime-genai's) spin
+#: for a while after a run; with rows taking turns they took the cores from the next row's run
+#: (measured: +15 to +25 ms per decode step at past 272 to 4112, on 2 cores).
+SETTLE_S = 0.2
 PREFILL = (272, 1040)
 PAST = (272, 1040, 4112)
 HIDDEN, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 2304, 4, 256, 4, 32000
@@ -207,6 +211,7 @@ def _rows(
         for run in range(runs + 1):  # the first is the warm-up
             for label, prepare in prepared.items():
                 step = prepare()
+                time.sleep(SETTLE_S)  # the previous row's spinning workers go to sleep first
                 start = time.perf_counter()
                 step()
                 if run:
