@@ -12,7 +12,8 @@ exported once, then turned into Transformers.js folders by two recipes:
 
 Each row's decoder runs in ONNX Runtime CPU with 2 intra-op threads, all rows in this one run,
 taking turns run by run within each cell, row (c) included (so a drifting load on a shared machine
-hits every row):
+hits every row), with :data:`SETTLE_S` idle before each timed step (so no row runs against the
+previous row's spinning workers):
 prefill of 272 and 1040 tokens (empty past; the fused decoder is fed ``num_logits_to_keep = 1``
 as Transformers.js's ``generate`` does) and one decode step at past 272, 1040 and 4112 (random
 past; the same inputs for every ONNX Runtime row); the median of ``--runs`` after one warm-up.
