@@ -18,7 +18,14 @@ from pathlib import Path
 from surgery.memory import PeakAnonSampler
 from surgery.synthetic import write_synthetic_model
 
-__all__ = ["TJS_SUFFIXES", "bytes_by_dtype", "cold_cache", "synthetic_model", "timed", "timed_peaks"]
+__all__ = [
+    "TJS_SUFFIXES",
+    "bytes_by_dtype",
+    "cold_cache",
+    "synthetic_model",
+    "timed",
+    "timed_peaks",
+]
 
 GIB = 2**30
 #: File-name suffix of each Transformers.js dtype (no suffix: fp32).

@@ -61,8 +61,6 @@ def _is_constant(value: ir.Value | None) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
-
-
 def _rmsnorm_closure(reduce_mean: ir.Node, square: ir.Node, x: ir.Value) -> set[ir.Node]:
     """``x²`` → ``ReduceMean`` and, forward from it, the statistics chain to the normalizing op."""
     found = {square, reduce_mean}

@@ -78,8 +78,6 @@ def _plain(op: Any, q: Any, k: Any, v: Any, mask: Any, scale: Any,
     return _attend(op, scores, mask, v, v_axes, v_shape5, v_shape4)
 
 
-
-
 def _ints(value: ir.Value | None) -> list[int] | None:
     tensor = value.const_value if value is not None else None
     return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
@@ -190,7 +188,9 @@ def _check(
         return result.fail("the softmax is not over the last axis", probs)
     if scalar_constant(scale) is None:
         return result.fail("the score scale is not a one-element constant", scale)
-    if cap is not None and (scalar_constant(cap) is None or scalar_constant(cap) != scalar_constant(cap_out)):
+    if cap is not None and (
+        scalar_constant(cap) is None or scalar_constant(cap) != scalar_constant(cap_out)
+    ):
         return result.fail("the softcap is not c·tanh(s/c) with one constant c", cap)
     key = _Geometry(k, k_axes, k_rep5, k_rep)
     if key.reason:

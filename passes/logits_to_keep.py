@@ -74,8 +74,6 @@ def _weight_reason(w: ir.Value) -> str | None:
     return None
 
 
-
-
 def _slice_source(value: ir.Value) -> ir.Value | None:
     """``h`` if ``value`` is this pass's ``Slice(h, -Reshape(num_logits_to_keep))``, else None."""
     node = value.producer()

@@ -429,9 +429,7 @@ def make_random_checkpoint(
             if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        with progress_bar(
-            total=total * itemsize, desc="writing weights", enabled=progress
-        ) as bar:
+        with progress_bar(total=total * itemsize, desc="writing weights", enabled=progress) as bar:
             for name, shard in zip(names, shards, strict=True):
                 _write_safetensors(tmp / name, shard, dtype, seed, bar)
         if len(shards) > 1:

@@ -101,7 +101,9 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
     architectures = raw.get("architectures") or [raw.get("model_type", "unknown")]
     for section in _SHAPE_FIELDS:
         if not isinstance(raw.get(section) or {}, dict):
-            raise SurgeryError(f"{path}: {section}: expected a mapping, got {raw[section]!r}; fix it")
+            raise SurgeryError(
+                f"{path}: {section}: expected a mapping, got {raw[section]!r}; fix it"
+            )
     text_type = (raw.get("text_config") or {}).get("model_type", "gemma")
     supported = f"{', '.join(SUPPORTED_ARCHITECTURES)} with a {' or '.join(SUPPORTED_TEXT_MODELS)} text model"
     if architectures[0] not in SUPPORTED_ARCHITECTURES or raw.get("model_type") != "paligemma":

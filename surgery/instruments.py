@@ -164,9 +164,7 @@ class TimePasses(Instrument):
                 sampler.peak_bytes,
                 sum(self._before.values()),
                 sum(after.values()),
-                "; ".join(
-                    filter(None, [", ".join(changes) or "-", _statistics(step.pass_)])
-                ),
+                "; ".join(filter(None, [", ".join(changes) or "-", _statistics(step.pass_)])),
             )
         )
 

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 #: which paths recorded relative to the model file resolve.
 SOURCE_DIR = "surgery.source_dir"
 
+
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
     """Load one ONNX file; every tensor is validated and external data memory-mapped, not read."""
     path = Path(path)

@@ -89,7 +89,9 @@ def test_layout_follows_the_transformersjs_contract(applied: tuple[Path, Path]) 
             f"past_key_values.{c}" for c in cache
         ] + ["num_logits_to_keep"]
         keep = inputs["num_logits_to_keep"].type.tensor_type
-        assert keep.elem_type == onnx.TensorProto.INT64 and _dims(inputs["num_logits_to_keep"]) == []
+        assert (
+            keep.elem_type == onnx.TensorProto.INT64 and _dims(inputs["num_logits_to_keep"]) == []
+        )
         assert list(outputs) == ["logits"] + [f"present.{c}" for c in cache]
         assert _dims(inputs["inputs_embeds"]) == ["batch_size", "sequence_length", hidden]
         assert _dims(inputs["attention_mask"]) == ["batch_size", "total_sequence_length"]

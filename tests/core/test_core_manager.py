@@ -226,7 +226,6 @@ def test_cli_apply_with_every_flag(
     np.testing.assert_array_equal(run_onnx(out / "m.onnx"), run_onnx(model_path))
 
 
-
 class _DoubleThroughLocalFunction(ir.passes.FunctionalPass):
     """Returns a new model whose output is doubled by a model-local function ``local.Twice``."""
 
