@@ -245,6 +245,25 @@ def _node(
     return list(node.outputs)
 
 
+def _integer_op(
+    graph: ir.Graph, node: ir.Node, op: str, inputs: Sequence[ir.Value], name: str
+) -> tuple[ir.Node, ir.Value]:
+    """``op`` (``ConvInteger`` / ``MatMulInteger``) on ``inputs`` before ``node``, and its int32
+    result cast to ``node``'s output type, named as ONNX Runtime's quantizer names them."""
+    out = node.outputs[0]
+    (integer,) = _node(graph, node, op, inputs, name, [f"{out.name}_output_quantized"])
+    (cast,) = _node(
+        graph,
+        node,
+        "Cast",
+        [integer],
+        f"{out.name}_output_quantized_cast",
+        [f"{out.name}_output_quantized_cast_output"],
+        to=int(out.dtype or ir.DataType.FLOAT),
+    )
+    return typing.cast(ir.Node, integer.producer()), cast
+
+
 def _replace(graph: ir.Graph, node: ir.Node, result: ir.Value) -> None:
     """``result`` takes the place (uses, name, type) of ``node``'s output; ``node`` goes."""
     old = node.outputs[0]
@@ -384,25 +403,9 @@ class _EightBit:
         w_q, w_scale, w_zp = self.quantized[weight]
         x_q, x_scale, x_zp = self.activation(node, x)
         name = f"{node.name}_quant" if node.name else ""
-        (integer,) = _node(
-            graph,
-            node,
-            "ConvInteger",
-            [x_q, w_q, x_zp, w_zp],
-            name,
-            [f"{out.name}_output_quantized"],
-        )
-        typing.cast(ir.Node, integer.producer()).attributes.update(
+        integer, cast = _integer_op(graph, node, "ConvInteger", [x_q, w_q, x_zp, w_zp], name)
+        integer.attributes.update(
             {a.name: ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()}
-        )
-        (cast,) = _node(
-            graph,
-            node,
-            "Cast",
-            [integer],
-            f"{out.name}_output_quantized_cast",
-            [f"{out.name}_output_quantized_cast_output"],
-            to=int(out.dtype or ir.DataType.FLOAT),
         )
         scales_name = f"{name}_scales_mul" if name else f"{x_scale.name}_{w_scale.name}_mul"
         (scales,) = _node(graph, node, "Mul", [x_scale, w_scale], scales_name, [f"{scales_name}:0"])
@@ -788,22 +791,8 @@ class Quantize(ModelPass[QuantizeOptions]):
             base = node.name or f"{out.name}_matmul"
             a_q, a_scale, a_zp = eight_bit.activation(node, a)
             b_q, b_scale, b_zp = inits
-            (integer,) = _node(
-                graph,
-                node,
-                "MatMulInteger",
-                [a_q, b_q, a_zp, b_zp],
-                f"{base}_quant",
-                [f"{out.name}_output_quantized"],
-            )
-            (cast,) = _node(
-                graph,
-                node,
-                "Cast",
-                [integer],
-                f"{out.name}_output_quantized_cast",
-                [f"{out.name}_output_quantized_cast_output"],
-                to=int(out.dtype or ir.DataType.FLOAT),
+            _, cast = _integer_op(
+                graph, node, "MatMulInteger", [a_q, b_q, a_zp, b_zp], f"{base}_quant"
             )
             (scales,) = _node(
                 graph,
