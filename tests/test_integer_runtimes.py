@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from _onnx_quantizer import transformersjs_q8
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.quantize import RUNTIME_WEIGHT_TYPES, Quantize
@@ -74,24 +75,14 @@ def _float_model(path: Path) -> Path:
 
 def _anchor(source: Path, op: str, weight_type: int, path: Path) -> Path:
     """What Transformers.js's route writes with this weight type, restricted to ``op``."""
-    from onnxruntime.quantization import QuantizationMode, QuantType
-    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
-
-    quantizer = ONNXQuantizer(
+    quantized = transformersjs_q8(
         onnx.load(source),
-        False,
-        False,
-        mode=QuantizationMode.IntegerOps,
-        static=False,
-        weight_qType=QuantType.QInt8 if weight_type == TensorProto.INT8 else QuantType.QUInt8,
-        activation_qType=QuantType.QUInt8,
-        tensors_range=None,
-        nodes_to_quantize=[],
-        nodes_to_exclude=[],
-        op_types_to_quantize={op},
-        extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
+        per_channel=False,
+        reduce_range=False,
+        unsigned=weight_type != TensorProto.INT8,
+        op_types={op},
     )
-    onnx.save(quantizer.quantize_model(), path)
+    onnx.save(quantized, path)
     return path
 
 

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 from _js_client import image_at_processor_size, node_generate, require_transformers_js
+from _onnx_quantizer import transformersjs_q8
 from onnx import numpy_helper
 
 from passes.quantize import RUNTIME_WEIGHT_TYPES
@@ -89,10 +90,9 @@ def folder(paligemma2_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def _anchor(fp32: Path, options: dict[str, Any]) -> onnx.ModelProto:
     """ONNX Runtime's quantizer on the fp32 file, with the settings the options stand for."""
-    from onnxruntime.quantization import QuantizationMode, QuantType
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     model = onnx.load(fp32)
@@ -126,21 +126,13 @@ def _anchor(fp32: Path, options: dict[str, Any]) -> onnx.ModelProto:
     op_types = set(IntegerOpsRegistry) - set(options.get("op_block_list", []))
     types = {"Conv": weight_type.tensor_type, "Gather": QuantType.QUInt8.tensor_type}
     op_types -= {op for op, runs in RUNTIME_WEIGHT_TYPES.items() if types[op] not in runs}
-    quantizer = ONNXQuantizer(
+    return transformersjs_q8(
         model,
-        options.get("per_channel", False),
-        options.get("reduce_range", False),
-        mode=QuantizationMode.IntegerOps,
-        static=False,
-        weight_qType=weight_type,
-        activation_qType=QuantType.QUInt8,
-        tensors_range=None,
-        nodes_to_quantize=[],
-        nodes_to_exclude=[],
-        op_types_to_quantize=op_types,
-        extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
+        per_channel=options.get("per_channel", False),
+        reduce_range=options.get("reduce_range", False),
+        unsigned=unsigned,
+        op_types=op_types,
     )
-    return quantizer.quantize_model()
 
 
 def _readers(model: onnx.ModelProto) -> dict[str, set[str]]:

@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from _onnx_quantizer import transformersjs_q8
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.quantize import Quantize
@@ -525,8 +526,6 @@ def test_eight_bit_modes_equal_onnx_quantizer_with_its_whole_registry(
     IntegerOpsRegistry), on the graph as split-large-tensors leaves it: every initializer
     byte-identical, the same ops, the same outputs. Each row block of the embedding is quantized
     on its own (as the quantizer does with the split graph), read in row blocks of 2 rows."""
-    from onnxruntime.quantization import QuantizationMode, QuantType
-    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     from passes import SplitLargeTensors, quantize_kernels
@@ -551,20 +550,13 @@ def test_eight_bit_modes_equal_onnx_quantizer_with_its_whole_registry(
     onnx.checker.check_model(str(out), full_check=True)
 
     unsigned = mode == "uint8" or mode == "q8"  # q8: the part has a Conv (QUINT8_OPS)
-    anchor = ONNXQuantizer(
+    anchor = transformersjs_q8(
         onnx.load(split),
-        per_channel,
-        per_channel,
-        mode=QuantizationMode.IntegerOps,
-        static=False,
-        weight_qType=QuantType.QUInt8 if unsigned else QuantType.QInt8,
-        activation_qType=QuantType.QUInt8,
-        tensors_range=None,
-        nodes_to_quantize=[],
-        nodes_to_exclude=[],
-        op_types_to_quantize=set(IntegerOpsRegistry),
-        extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
-    ).quantize_model()
+        per_channel=per_channel,
+        reduce_range=per_channel,
+        unsigned=unsigned,
+        op_types=IntegerOpsRegistry,
+    )
     ours = onnx.load(out)
     want = {t.name: numpy_helper.to_array(t) for t in anchor.graph.initializer}
     got = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
