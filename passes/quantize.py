@@ -342,6 +342,18 @@ class _EightBit:
         key = ("8-bit", qtype, per_channel, reduce_range, name, tuple(shape))
         return shared_initializers(self.graph, source, fn, specs, key)
 
+    def per_tensor(
+        self, value: ir.Value, tensor: ir.TensorProtocol, qtype: int, reduce_range: bool
+    ) -> list[ir.Value]:
+        """``value``'s quantized initializers, per tensor, made on its first reader: a later
+        reader (a shared table) gets the first reader's, as in ONNX Runtime."""
+        if value not in self.quantized:
+            shape = [int(d) for d in tensor.shape.numpy()]
+            self.quantized[value] = self.initializers(
+                tensor, value.name or "", shape, qtype, False, reduce_range
+            )
+        return self.quantized[value]
+
     def activation(self, anchor: ir.Node, value: ir.Value) -> list[ir.Value]:
         """``value`` quantized, its scale and zero point: a quantized Gather's output as it is
         (no requantization, as ONNX Runtime), else one ``DynamicQuantizeLinear`` per value."""
@@ -391,16 +403,7 @@ class _EightBit:
         graph, out = self.graph, node.outputs[0]
         x = typing.cast(ir.Value, node.inputs[0])
         rank = len(tensor.shape)
-        if weight not in self.quantized:
-            self.quantized[weight] = self.initializers(
-                tensor,
-                weight.name or "",
-                [int(d) for d in tensor.shape.numpy()],
-                self.qtype,
-                False,
-                self.options.reduce_range,
-            )
-        w_q, w_scale, w_zp = self.quantized[weight]
+        w_q, w_scale, w_zp = self.per_tensor(weight, tensor, self.qtype, self.options.reduce_range)
         x_q, x_scale, x_zp = self.activation(node, x)
         name = f"{node.name}_quant" if node.name else ""
         integer, cast = _integer_op(graph, node, "ConvInteger", [x_q, w_q, x_zp, w_zp], name)
@@ -443,16 +446,7 @@ class _EightBit:
         that are quantized themselves read the uint8 rows directly (the ``DequantizeLinear`` is
         then dropped). 0 if the table was already quantized per channel (by a MatMul reading it
         directly), which a per-tensor ``DequantizeLinear`` cannot undo: it stays float."""
-        if table not in self.quantized:
-            self.quantized[table] = self.initializers(
-                tensor,
-                table.name or "",
-                [int(d) for d in tensor.shape.numpy()],
-                TensorProto.UINT8,
-                False,
-                False,
-            )
-        values, scale, zero_point = self.quantized[table]
+        values, scale, zero_point = self.per_tensor(table, tensor, TensorProto.UINT8, False)
         if len(scale.shape or ()) != 0:
             return 0
         out = node.outputs[0]
