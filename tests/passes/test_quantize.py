@@ -430,6 +430,13 @@ def test_q8_temporaries_are_bounded_by_the_row_block(per_channel: bool, transpos
     assert peak - values.nbytes < 3 * BLOCK_BYTES
 
 
+def _assert_same_arrays(ours: Any, theirs: Any, layout: str) -> None:
+    """Our kernel's arrays equal ONNX Runtime's quantizer's: shapes, dtypes and bytes."""
+    for got, want in zip(ours, theirs, strict=True):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), layout
+        assert got.tobytes() == want.tobytes(), layout
+
+
 @pytest.mark.parametrize("rows", [45, 64], ids=["padded", "whole_blocks"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 def test_q4_column_strips_equal_onnx_runtime_byte_for_byte(
@@ -454,10 +461,9 @@ def test_q4_column_strips_equal_onnx_runtime_byte_for_byte(
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(32, symmetric))
     theirs = quantizer.qbits_block_quant(weight)
     for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
-        ours = quantize_kernels.q4_arrays(_pybind_state, view, 32, symmetric)
-        for got, want in zip(ours, theirs, strict=True):
-            assert (got.shape, got.dtype) == (want.shape, want.dtype), layout
-            assert got.tobytes() == want.tobytes(), layout
+        _assert_same_arrays(
+            quantize_kernels.q4_arrays(_pybind_state, view, 32, symmetric), theirs, layout
+        )
 
 
 def _registry_graph(tmp_path: Path) -> Path:
@@ -624,9 +630,7 @@ def test_bnb4_strips_equal_onnx_runtime_byte_for_byte(
     theirs = quantizer.bnb4_block_quant(weight)
     for layout, view in (("stored", weight), ("transposed", np.ascontiguousarray(weight.T).T)):
         ours = quantize_kernels.bnb4_arrays(_pybind_state, view, 64, quant_type)
-        for got, want in zip(ours, theirs, strict=True):
-            assert (got.shape, got.dtype) == (want.shape, want.dtype), layout
-            assert got.tobytes() == want.tobytes(), layout
+        _assert_same_arrays(ours, theirs, layout)
 
 
 @pytest.mark.parametrize("first", ["q4", "q4f16"])
