@@ -129,9 +129,7 @@ class FuseVisionAttention(RewritePass[RewriteOptions]):
     def _explain(self, model: ir.Model, rules: list[Any]) -> None:
         # Each stage is explained on its own clone where the earlier stages ran for real, the
         # SDPA rule unguarded (the MHA rule only sees SDPA nodes once they exist, and then says
-        # why it refuses one). Clones, because onnxscript's dry run is not side-effect free: the
-        # replacement it builds and drops stays a user of the matched inputs, and a later rule
-        # then refuses those nodes ("other uses").
+        # why it refuses one).
         counts = dict(self.statistics)
         unguarded = [r.rule if isinstance(r, _Guarded) else r for r in rules]
         for index, stage in enumerate(_STAGES):

@@ -100,3 +100,18 @@ def test_refuses_attention_it_does_not_know(how: str, reason: str, paligemma2_on
     assert str(info.value) == (
         f"grouped-attention: rule 'attention' fired 0 times in '{model.graph.name}', expected 4"
     )
+
+
+def test_explain_leaves_the_graph_as_the_plain_run_does(paligemma2_onnx: Path) -> None:
+    """``explain``'s dry run happens on a clone: onnxscript's leaves the replacements it built
+    and dropped as users of the matched values (16 here), which later passes would count."""
+
+    def uses(explain: bool) -> list[tuple[str, int]]:
+        model = load(paligemma2_onnx)[paligemma2_onnx.stem]
+        fuse = GroupedAttention(explain=explain)
+        fuse.explain_stream = io.StringIO()
+        fuse(model)
+        values = {v for node in model.graph for v in (*node.inputs, *node.outputs) if v}
+        return sorted((v.name or "", len(v.uses())) for v in values)
+
+    assert uses(explain=True) == uses(explain=False)
