@@ -56,6 +56,7 @@ __all__ = [
     "TransposedTensor",
     "computed_whole_when_written",
     "content_key",
+    "reuse_key",
     "reuse_written",
 ]
 
@@ -285,6 +286,14 @@ def content_key(tensor: ir.TensorProtocol) -> Hashable | None:
     """A hashable naming ``tensor``'s bytes where other tensors may have the same (a member of a
     keyed :class:`SharedComputation`), else None."""
     return tensor.content_key if isinstance(tensor, SharedTensor) else None
+
+
+def reuse_key(tensor: ir.TensorProtocol) -> Hashable | None:
+    """The content key under which :func:`reuse_written` looks for ``tensor``'s bytes (or for
+    those it is derived from), else None."""
+    if isinstance(tensor, DerivedTensor):
+        tensor = tensor.source
+    return content_key(tensor)
 
 
 def reuse_written(

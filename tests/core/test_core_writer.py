@@ -14,6 +14,7 @@ import pytest
 from _util import run_onnx
 
 from surgery import SurgeryError, load, writer
+from surgery.bundle import Bundle
 from surgery.lazy import (
     ConcatenatedTensor,
     DerivedTensor,
@@ -186,3 +187,48 @@ def test_lazy_tensors_have_a_finite_repr() -> None:
     for tensor in tensors:
         assert repr(ir.Value(name=tensor.name, const_value=tensor)).count(tensor.name) >= 1
     assert repr(tensors[2]) == "TransposedTensor(name='w_t', dtype=FLOAT, shape=[3,2])"
+
+
+def _three_parts(tmp_path: Path) -> Bundle:
+    """A bundle of three copies of one synthetic model (each its own graph, as copy-parts makes)."""
+    source = write_synthetic_model(tmp_path / "m.onnx", layers=2)
+    return Bundle({part: load(source)["m"] for part in ("a", "b", "c")})
+
+
+def test_save_writes_two_parts_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts that share no written bytes are written side by side (a copy-only fp32 part leaves
+    a core to another part's quantization): the first two meet at a barrier while both are being
+    written, which times out if ``save`` writes one part at a time."""
+    assert writer.PARALLEL_PARTS == 2
+    meet = threading.Barrier(2, timeout=30)
+    write = writer.write_model
+
+    def meeting(model: ir.Model, path: Path, *args: Any, **kwargs: Any) -> list[str]:
+        if path.stem in ("a", "b"):
+            meet.wait()
+        return write(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(writer, "write_model", meeting)
+    bundle = _three_parts(tmp_path)
+    writer.save(bundle, tmp_path / "out", progress=False)
+    for part in bundle:
+        assert load(tmp_path / "out" / f"{part}.onnx")[part].graph.initializers.keys() == (
+            bundle[part].graph.initializers.keys()
+        )
+
+
+def test_a_part_failing_beside_another_leaves_nothing(tmp_path: Path) -> None:
+    """One part's error while another is being written: the error comes out once the other is
+    done, and no output folder is left."""
+    bundle = _three_parts(tmp_path)
+    value = next(v for v in bundle["b"].graph.initializers.values() if v.name.endswith("weight"))
+    assert value.const_value is not None
+
+    def broken(array: np.ndarray) -> np.ndarray:
+        raise SurgeryError("b: broken on purpose")
+
+    value.const_value = DerivedTensor(value.const_value, broken, name=value.name or "")
+    with pytest.raises(SurgeryError, match="broken on purpose"):
+        writer.save(bundle, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx", "m.onnx.data"]
