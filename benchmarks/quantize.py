@@ -3,7 +3,8 @@
 For each model scale, in one run, each row a child process timed by ``_harness.timed_peaks``
 (cold cache in, data on disk out; wall time, peak RSS with mapped pages, peak ``RssAnon``):
 
-* (c) ``cp`` of the export's fp32 weights file: what moving bytes costs on this disk;
+* (c) ``cp`` of the export's fp32 weights file: what moving bytes costs on this disk, before and
+  again after (a); the faster of the two is the reference;
 * (a) ``surgery apply`` of a recipe made from ``recipes/paligemma2.yaml``: its split, rename,
   ``split-large-tensors``, cleanup and ``fold-transposes`` (the fp32 parts), with one
   ``copy-parts`` + ``quantize`` pair per dtype before ``fold-transposes`` instead of the shipped
@@ -230,6 +231,16 @@ def _row(rows: list[Any], scale: str, *row: Any) -> None:
     print(f"ROW {scale}: {row}", flush=True)
 
 
+def _copy(rows: list[Any], summary: dict[str, Any], scale: str, data: Path, step: str) -> None:
+    """Time ``cp`` of the fp32 data; ``summary["cp"]`` keeps the fastest run (the stricter
+    reference: this virtual disk's speed changes by 2x between minutes)."""
+    copy = data.with_name("copy.data")
+    wall, peak_rss, peak_anon = timed_peaks(["cp", str(data), str(copy)])
+    _row(rows, scale, step, wall, peak_rss, peak_anon, copy.stat().st_size)
+    summary["cp"] = min(summary.get("cp", (math.inf, 0)), (wall, copy.stat().st_size))
+    copy.unlink()
+
+
 def _measure(work: Path, scale: str, anchor: bool) -> tuple[list[Any], dict[str, Any]]:
     """Rows ``(step, wall s, peak RSS, peak anon, bytes written)`` and the targets of one scale."""
     folder = work / scale
@@ -237,11 +248,7 @@ def _measure(work: Path, scale: str, anchor: bool) -> tuple[list[Any], dict[str,
     data = model.with_name("model.onnx.data")
     summary: dict[str, Any] = {"weights": data.stat().st_size, "largest": _largest_tensor(model)}
 
-    copy = folder / "copy.data"
-    wall, peak_rss, peak_anon = timed_peaks(["cp", str(data), str(copy)])
-    _row(rows, scale, "(c) cp fp32 data", wall, peak_rss, peak_anon, copy.stat().st_size)
-    summary["cp"] = (wall, copy.stat().st_size)
-    copy.unlink()
+    _copy(rows, summary, scale, data, "(c) cp fp32 data")
 
     out = folder / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -261,6 +268,7 @@ def _measure(work: Path, scale: str, anchor: bool) -> tuple[list[Any], dict[str,
     for dtype, size in sorted(dtypes.items()):
         _row(rows, scale, f"    of which {dtype}", math.nan, 0, 0, size)
     summary["a"] = (wall, peak_anon, written)
+    _copy(rows, summary, scale, data, "(c) cp fp32 data, again after (a)")
     for path in (out / "onnx").iterdir():  # keep the fp32 parts: the anchor's input
         if any(path.name.split(".onnx")[0].endswith(s) for s in VARIANTS):
             path.unlink()

@@ -56,6 +56,7 @@ __all__ = [
     "TransposedTensor",
     "computed_whole_when_written",
     "content_key",
+    "read_locked",
     "reuse_key",
     "reuse_written",
 ]
@@ -105,7 +106,7 @@ class DerivedTensor(_Lazy):
         self.fn = fn
 
     def _compute(self) -> ir.TensorProtocol:
-        return ir.Tensor(self.fn(self.source.numpy()), dtype=self.dtype, name=self.name)
+        return ir.Tensor(self.fn(read_locked(self.source)), dtype=self.dtype, name=self.name)
 
 
 class ConcatenatedTensor(_Lazy):
@@ -128,19 +129,23 @@ class ConcatenatedTensor(_Lazy):
         self.axis = axis
 
     def _compute(self) -> ir.TensorProtocol:
-        array = np.concatenate([source.numpy() for source in self.sources], axis=self.axis)
+        array = np.concatenate([read_locked(s) for s in self.sources], axis=self.axis)
         return ir.Tensor(array, dtype=self.dtype, name=self.name)
 
 
-#: Held while a group reads its source: two groups of one source (a tied table quantized for its
-#: Gather and for its MatMul) may be computed at once by the writer's threads, and
+#: Held while a stored tensor (``onnx_ir.ExternalTensor``) is first read by a computation: two
+#: writer threads may read one at once (a tied table quantized for its Gather and for its MatMul;
+#: two parts written side by side sharing a source, as copy-parts parts do), and
 #: ``onnx_ir.ExternalTensor`` maps its file on first read without a lock ("Bug: The array should
 #: be loaded only once").
 _SOURCE_LOCK = threading.Lock()
 
 
-def _read(source: ir.TensorProtocol) -> np.ndarray:
-    """``source.numpy()`` under :data:`_SOURCE_LOCK`."""
+def read_locked(source: ir.TensorProtocol) -> np.ndarray:
+    """``source.numpy()``, under :data:`_SOURCE_LOCK` for a stored tensor (a lazy one computes
+    outside it, reading its own sources with this)."""
+    if not isinstance(source, ir.ExternalTensor):
+        return source.numpy()
     with _SOURCE_LOCK:
         return source.numpy()
 
@@ -163,11 +168,11 @@ class TransposedTensor(_Lazy):
         self.source = source
 
     def _compute(self) -> ir.TensorProtocol:
-        return ir.Tensor(transposed(_read(self.source)), dtype=self.dtype, name=self.name)
+        return ir.Tensor(transposed(read_locked(self.source)), dtype=self.dtype, name=self.name)
 
     def tofile(self, file: typing.Any) -> None:
         """Write the transposed bytes a strip of :data:`STRIP_BYTES` of rows at a time."""
-        array = _read(self.source)
+        array = read_locked(self.source)
         rows, cols = array.shape
         strip = max(1, STRIP_BYTES // max(1, rows * array.itemsize))
         buffer = np.empty((min(strip, cols), rows), array.dtype)
@@ -223,7 +228,7 @@ class SharedComputation:
         with self._lock:
             self._skipped.discard(index)
             if self._arrays is None or self._arrays[index] is None:
-                self._arrays = list(self._fn(_read(self.source)))
+                self._arrays = list(self._fn(read_locked(self.source)))
                 self.computations += 1
             array = self._arrays[index]
             assert array is not None

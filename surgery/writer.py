@@ -45,7 +45,13 @@ from surgery.bundle import Bundle
 from surgery.constants import INLINE_LIMIT_BYTES
 from surgery.errors import SurgeryError
 from surgery.layout import Layout, get_layout
-from surgery.lazy import computed_whole_when_written, content_key, reuse_key, reuse_written
+from surgery.lazy import (
+    computed_whole_when_written,
+    content_key,
+    read_locked,
+    reuse_key,
+    reuse_written,
+)
 from surgery.progress import bar as progress_bar
 from surgery.summary import format_bytes
 from surgery.tensors import tensor_slots
@@ -277,7 +283,7 @@ def write_model(
         for slot in list(tensor_slots(model)):
             if isinstance(slot.tensor, ir.ExternalTensor) and id(slot.tensor) not in placed:
                 replaced.append((slot.replace, slot.tensor))
-                slot.replace(ir.Tensor(slot.tensor.numpy(), name=slot.tensor.name))
+                slot.replace(ir.Tensor(read_locked(slot.tensor), name=slot.tensor.name))
         for placement in placements:
             replaced.append(
                 (functools.partial(setattr, placement.value, "const_value"), placement.tensor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from pathlib import Path
@@ -232,3 +233,44 @@ def test_a_part_failing_beside_another_leaves_nothing(tmp_path: Path) -> None:
         writer.save(bundle, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx", "m.onnx.data"]
+
+
+def test_parts_written_side_by_side_read_a_shared_stored_tensor_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two parts computing from one stored tensor at once (copy-parts shares tensors: an fp16
+    part beside its fp32 one) map it once: ``onnx_ir.ExternalTensor`` maps on first read without
+    a lock, and two first reads at once failed the 3B apply ("The array should be loaded only
+    once"). The first read is slowed here so that both parts reach it together."""
+    source = write_synthetic_model(tmp_path / "m.onnx", width=64, layers=1)
+    bundle = Bundle({part: load(source)["m"] for part in ("a", "b")})
+    shared = next(
+        v.const_value
+        for v in bundle["a"].graph.initializers.values()
+        if v.const_value is not None and v.const_value.nbytes > 1024
+    )
+    assert isinstance(shared, ir.ExternalTensor)
+    for model in bundle.values():
+        for value in model.graph.initializers.values():
+            if value.const_value is not None and value.const_value.nbytes > 1024:
+                value.const_value = DerivedTensor(
+                    shared, lambda array: array + np.float32(1), name=value.name or ""
+                )
+    # A first save imports what writing needs: an import in one thread holds a lock that would
+    # keep the other part from the meeting below.
+    writer.save(Bundle({"warm": load(source)["m"]}), tmp_path / "warm", progress=False)
+    load_once = ir.ExternalTensor._load
+    meet = threading.Barrier(2, timeout=5)
+
+    def slow_load(self: ir.ExternalTensor) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meet.wait()  # both parts here at once, unless one waits for the other's read
+        load_once(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", slow_load)
+    writer.save(bundle, tmp_path / "out", progress=False)
+    expected = shared.numpy() + np.float32(1)
+    for part in bundle:
+        written = load(tmp_path / "out" / f"{part}.onnx")[part]
+        arrays = [v.const_value.numpy() for v in written.graph.initializers.values()]
+        assert any(np.array_equal(a, expected) for a in arrays if a.shape == expected.shape)
