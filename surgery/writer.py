@@ -19,8 +19,11 @@ source weights once per dtype, and the written chunks otherwise push them out of
 :func:`save` writes :data:`PARALLEL_PARTS` parts at once, so a part that only copies bytes (the
 fp32 folder: ``copy_file_range``, one core waiting on the kernel) runs beside one that quantizes;
 a part whose bytes may be copied from another's (:func:`surgery.lazy.reuse_key`) starts after it.
-Measured on the half-size bench model writing fp32, q8, q4, q4f16 and bnb4 (``benchmarks/quantize.py``):
-24.4 s one part at a time, 17.6 s two (three: no faster, and more memory).
+The parts share one window for tensors computed ahead (:class:`AheadBudget`), so memory stays
+that of one part: the window plus one tensor. Measured on the half-size bench model writing
+fp32, q8, q4, q4f16 and bnb4 (``benchmarks/quantize.py``): 24.4 s one part at a time, 17.6 s two;
+three parts were no faster at full size (40.6 against 39.8 s), and starting the parts that read
+the most first changed nothing beyond noise (41.0 and 43.1 s against 42.0 and 44.2).
 
 Layouts decide where parts and chunks go (:mod:`surgery.layout`; the Transformers.js layout is in
 :mod:`surgery.transformersjs`).
@@ -33,6 +36,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 import typing
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
@@ -70,7 +74,8 @@ LARGE_TENSOR_BYTES = 1024 * 1024
 LARGE_ALIGNMENT = 65536
 SMALL_ALIGNMENT = 64
 
-#: Lazy tensors computed ahead of the writer: at most this many bytes, by this many threads.
+#: Lazy tensors computed ahead of the writer: at most this many bytes (plus one tensor) across
+#: the parts written at once, by this many threads per part.
 AHEAD_BYTES = 256 * 1024 * 1024
 AHEAD_WORKERS = 2
 
@@ -155,51 +160,81 @@ def _write_back(file: typing.BinaryIO) -> None:
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+class AheadBudget:
+    """Bytes of lazy tensors computed ahead and not yet written, shared by the parts one
+    :func:`save` writes at once: below :data:`AHEAD_BYTES` another may be computed, so at most
+    :data:`AHEAD_BYTES` plus one tensor are held, computed or being written, whichever part they
+    belong to."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._changed = threading.Condition()
+
+    def take(self, nbytes: int, *, wait: bool) -> bool:
+        """Count ``nbytes`` in if under the limit (waiting until it is, if ``wait``)."""
+        with self._changed:
+            if wait:
+                self._changed.wait_for(lambda: self.held < AHEAD_BYTES)
+            elif self.held >= AHEAD_BYTES:
+                return False
+            self.held += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        """Count ``nbytes`` out (their tensor is being written, or will not be)."""
+        with self._changed:
+            self.held -= nbytes
+            self._changed.notify_all()
+
+
 def _computed_ahead(
-    placements: list[_Placement],
+    placements: list[_Placement], budget: AheadBudget
 ) -> Iterator[tuple[_Placement, ir.TensorProtocol | None]]:
     """Yield placements in order, with lazy tensors already computed by worker threads.
 
     A lazy tensor that writing would compute whole (an fp16 conversion, say: see
     :func:`surgery.lazy.computed_whole_when_written`) is computed in a thread while
     earlier tensors are written: numpy releases the GIL, so computing and writing overlap.
-    At most :data:`AHEAD_BYTES` of computed tensors wait at once (a larger tensor still goes,
-    alone). Other tensors (still on disk, in memory, or streaming themselves) pass through.
+    Computing waits for room in ``budget`` (a larger tensor still goes, alone, when this part
+    waits for nothing else). Other tensors (still on disk, in memory, or streaming themselves)
+    pass through.
     """
 
     def compute(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
         return ir.Tensor(tensor.numpy(), name=tensor.name)
 
+    waiting: collections.deque[
+        tuple[_Placement, concurrent.futures.Future[ir.TensorProtocol] | None]
+    ] = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(max_workers=AHEAD_WORKERS) as pool:
-        waiting: collections.deque[
-            tuple[_Placement, concurrent.futures.Future[ir.TensorProtocol] | None]
-        ]
-        waiting = collections.deque()
-        waiting_bytes = 0
-        upcoming = iter(placements)
-        exhausted = False
-        while waiting or not exhausted:
-            while not exhausted and (not waiting or waiting_bytes < AHEAD_BYTES):
-                placement = next(upcoming, None)
-                if placement is None:
-                    exhausted = True
-                    break
-                if computed_whole_when_written(placement.source):
-                    waiting.append((placement, pool.submit(compute, placement.source)))
-                    waiting_bytes += placement.tensor.nbytes
-                else:
-                    waiting.append((placement, None))
-            if not waiting:
-                return
-            placement, future = waiting.popleft()
-            if future is None:
-                yield placement, None
-                continue
-            computed = future.result()
-            del future  # it holds the result too
-            waiting_bytes -= placement.tensor.nbytes
-            yield placement, computed
-            del computed  # freed before the next tensor is computed (the caller lets go too)
+        try:
+            upcoming = 0
+            while waiting or upcoming < len(placements):
+                while upcoming < len(placements):
+                    placement = placements[upcoming]
+                    future = None
+                    if computed_whole_when_written(placement.source):
+                        if not budget.take(placement.tensor.nbytes, wait=not waiting):
+                            break
+                        future = pool.submit(compute, placement.source)
+                    waiting.append((placement, future))
+                    upcoming += 1
+                placement, future = waiting[0]
+                if future is None:
+                    waiting.popleft()
+                    yield placement, None
+                    continue
+                computed = future.result()
+                del future  # it holds the result too
+                yield placement, computed
+                del computed  # freed before the next tensor is computed (the caller lets go too)
+                waiting.popleft()
+                budget.give(placement.tensor.nbytes)  # written: counted until now
+        finally:  # an error, here or in the caller: what was counted in and not written goes
+            for placement, future in waiting:
+                if future is not None:
+                    future.cancel()
+                    budget.give(placement.tensor.nbytes)
 
 
 def _external(
@@ -225,6 +260,7 @@ def write_model(
     max_chunk_bytes: int | None = None,
     progress: ProgressCallback | None = None,
     written: Written | None = None,
+    budget: AheadBudget | None = None,
 ) -> list[str]:
     """Write ``model`` to ``path`` with its large tensors in chunk files beside it.
 
@@ -238,6 +274,8 @@ def write_model(
             (:func:`surgery.lazy.reuse_written`): tensors of the same content are copied from
             there instead of computed; this model's tensors of known content are added once its
             files are closed.
+        budget: Room for lazy tensors computed ahead, shared with parts written at the same
+            time (default: this model's own).
 
     Returns:
         The chunk file names written, in order (empty if every tensor is inline).
@@ -253,7 +291,7 @@ def write_model(
     try:
         files: dict[int, typing.BinaryIO] = {}
         try:
-            for placement, computed in _computed_ahead(placements):
+            for placement, computed in _computed_ahead(placements, budget or AheadBudget()):
                 if placement.chunk not in files:
                     files[placement.chunk] = open(folder / data_name(placement.chunk), "wb")  # noqa: SIM115
                 data = files[placement.chunk]
@@ -340,6 +378,7 @@ def save(
     ):
         chunks: dict[str, list[str]] = {}
         written: Written = {}
+        budget = AheadBudget()
 
         def write_part(part: str) -> list[str]:
             return write_model(
@@ -349,6 +388,7 @@ def save(
                 max_chunk_bytes=layout.max_chunk_bytes,
                 progress=lambda tensor: bar.update(tensor.nbytes),
                 written=written,
+                budget=budget,
             )
 
         pending = list(bundle)
