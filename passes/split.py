@@ -268,6 +268,18 @@ def _outer_values(graph: ir.Graph, subgraphs: Sequence[ir.Graph]) -> list[ir.Val
     ]
 
 
+def _initializers_in_order_of(part: ir.Graph, source: ir.Graph) -> None:
+    """Declare ``part``'s initializers in ``source``'s order. ``extract`` declares them in the
+    order of a set of values (memory addresses): the same split gave differently ordered weights,
+    so different data files, from one run to the next."""
+    order = {name: index for index, name in enumerate(source.initializers)}
+    values = sorted(part.initializers.values(), key=lambda v: order.get(v.name or "", len(order)))
+    for value in values:
+        part.initializers.pop(value.name or "")
+    for value in values:
+        part.register_initializer(value)
+
+
 def _make_part(model: ir.Model, graph: ir.Graph, name: str) -> ir.Model:
     """A model around ``graph`` with the source's IR version, producer, metadata and functions."""
     graph.name = name
@@ -398,6 +410,7 @@ class Split(BundlePass[_SplitOptions]):
                     "run shape-inference before split"
                 )
             graph = ir.convenience.extract(model.graph, [*inputs, *shape_sources], outputs)
+            _initializers_in_order_of(graph, model.graph)
             _read_shapes_from(graph, {v.name or "": u.name or "" for v, u in shape_sources.items()})
             for v, u in shape_sources.items():
                 logger.info(

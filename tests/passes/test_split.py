@@ -362,3 +362,18 @@ def test_split_paligemma2_parts_reproduce_the_exported_graph(
         mask = np.concatenate([mask, np.ones_like(ids)], axis=-1)
         positions = positions[:, -1:] + 1
         past = expected[1:]
+
+
+def test_split_declares_each_parts_weights_in_the_source_order(paligemma2_onnx: Path) -> None:
+    """The same split writes the same files: each part declares its initializers in the order of
+    the source graph (``onnx_ir``'s ``extract`` gave a set's order, which changed between runs,
+    and the writer places weights in declaration order)."""
+    from surgery import load
+
+    bundle = load(paligemma2_onnx)
+    source = list(bundle["model"].graph.initializers)
+    assert parse_recipe(PALIGEMMA2_RECIPE).manager().run(bundle)
+    for part, model in bundle.items():
+        names = list(model.graph.initializers)
+        assert len(names) >= 2, part
+        assert names == sorted(names, key=source.index), part
