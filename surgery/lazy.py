@@ -56,6 +56,7 @@ __all__ = [
     "TransposedTensor",
     "computed_whole_when_written",
     "content_key",
+    "holds_source_whole_when_written",
     "read_locked",
     "reuse_key",
     "reuse_written",
@@ -285,6 +286,12 @@ class SharedTensor(_Lazy):
 def computed_whole_when_written(tensor: ir.TensorProtocol) -> bool:
     """Whether writing ``tensor`` evaluates all of it at once (a lazy tensor not streaming itself)."""
     return isinstance(tensor, ir.LazyTensor) and type(tensor).tofile is ir.LazyTensor.tofile
+
+
+def holds_source_whole_when_written(tensor: ir.TensorProtocol) -> bool:
+    """Whether writing ``tensor``, which streams itself, computes its source whole first (a
+    :class:`TransposedTensor` of a lazy tensor: ``fold-transposes`` after ``fp16``)."""
+    return isinstance(tensor, TransposedTensor) and isinstance(tensor.source, ir.LazyTensor)
 
 
 def content_key(tensor: ir.TensorProtocol) -> Hashable | None:

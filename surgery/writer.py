@@ -52,6 +52,7 @@ from surgery.layout import Layout, get_layout
 from surgery.lazy import (
     computed_whole_when_written,
     content_key,
+    holds_source_whole_when_written,
     read_locked,
     reuse_key,
     reuse_written,
@@ -196,15 +197,18 @@ def _computed_ahead(
     :func:`surgery.lazy.computed_whole_when_written`) is computed in a thread while
     earlier tensors are written: numpy releases the GIL, so computing and writing overlap.
     Computing waits for room in ``budget`` (a larger tensor still goes, alone, when this part
-    waits for nothing else). Other tensors (still on disk, in memory, or streaming themselves)
-    pass through.
+    waits for nothing else). A tensor that streams itself from a source it computes whole
+    (:func:`surgery.lazy.holds_source_whole_when_written`) is counted in the same way, from its
+    turn in the queue until written. Other tensors (still on disk, in memory, or streaming
+    themselves) pass through.
     """
 
     def compute(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
         return ir.Tensor(tensor.numpy(), name=tensor.name)
 
+    #: Placement, its computation (None: written as it is), and whether it is counted in budget.
     waiting: collections.deque[
-        tuple[_Placement, concurrent.futures.Future[ir.TensorProtocol] | None]
+        tuple[_Placement, concurrent.futures.Future[ir.TensorProtocol] | None, bool]
     ] = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(max_workers=AHEAD_WORKERS) as pool:
         try:
@@ -212,28 +216,26 @@ def _computed_ahead(
             while waiting or upcoming < len(placements):
                 while upcoming < len(placements):
                     placement = placements[upcoming]
-                    future = None
-                    if computed_whole_when_written(placement.source):
-                        if not budget.take(placement.tensor.nbytes, wait=not waiting):
-                            break
-                        future = pool.submit(compute, placement.source)
-                    waiting.append((placement, future))
+                    whole = computed_whole_when_written(placement.source)
+                    counted = whole or holds_source_whole_when_written(placement.source)
+                    if counted and not budget.take(placement.tensor.nbytes, wait=not waiting):
+                        break
+                    future = pool.submit(compute, placement.source) if whole else None
+                    waiting.append((placement, future, counted))
                     upcoming += 1
-                placement, future = waiting[0]
-                if future is None:
-                    waiting.popleft()
-                    yield placement, None
-                    continue
-                computed = future.result()
+                placement, future, counted = waiting[0]
+                computed = future.result() if future is not None else None
                 del future  # it holds the result too
                 yield placement, computed
                 del computed  # freed before the next tensor is computed (the caller lets go too)
                 waiting.popleft()
-                budget.give(placement.tensor.nbytes)  # written: counted until now
+                if counted:
+                    budget.give(placement.tensor.nbytes)  # written: counted until now
         finally:  # an error, here or in the caller: what was counted in and not written goes
-            for placement, future in waiting:
+            for placement, future, counted in waiting:
                 if future is not None:
                     future.cancel()
+                if counted:
                     budget.give(placement.tensor.nbytes)
 
 
