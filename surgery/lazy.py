@@ -315,19 +315,19 @@ def reuse_written(
     written): the written bytes themselves for a :class:`SharedTensor` whose content was written
     before, a :class:`DerivedTensor` computed from them for one derived from such a tensor, else
     ``tensor``. The group of the member not read is told so (:meth:`SharedComputation.skip`)."""
-    key = content_key(tensor)
-    if isinstance(tensor, SharedTensor) and key in written:
-        tensor.group.skip(tensor.index)
+    key = reuse_key(tensor)
+    if key is None or key not in written:
+        return tensor
+    member = tensor.source if isinstance(tensor, DerivedTensor) else tensor
+    assert isinstance(member, SharedTensor)  # only members have content keys
+    member.group.skip(member.index)
+    if member is tensor:
         return written[key]
-    if isinstance(tensor, DerivedTensor):
-        source, key = tensor.source, content_key(tensor.source)
-        if isinstance(source, SharedTensor) and key in written:
-            source.group.skip(source.index)
-            return DerivedTensor(
-                written[key],
-                tensor.fn,
-                name=tensor.name or "",
-                dtype=tensor.dtype,
-                shape=ir.Shape(tensor.shape.numpy()),
-            )
-    return tensor
+    assert isinstance(tensor, DerivedTensor)
+    return DerivedTensor(
+        written[key],
+        tensor.fn,
+        name=tensor.name or "",
+        dtype=tensor.dtype,
+        shape=ir.Shape(tensor.shape.numpy()),
+    )

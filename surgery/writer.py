@@ -182,7 +182,7 @@ class AheadBudget:
             return True
 
     def give(self, nbytes: int) -> None:
-        """Count ``nbytes`` out (their tensor is being written, or will not be)."""
+        """Count ``nbytes`` out (their tensor is written, or will not be)."""
         with self._changed:
             self.held -= nbytes
             self._changed.notify_all()
